@@ -1,0 +1,79 @@
+"""Checkpoints: an Orbax CheckpointManager under `workdir/checkpoints`, resume, and fallback.
+
+The only module that talks to orbax. State is restored against an abstract target that carries
+the shardings, so a checkpoint written on one mesh restores on another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def abstract_with_shardings(abstract_tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+class Checkpoints:
+  """Saves every `checkpoint_every` steps (decided by the caller), keeps the latest `keep`."""
+
+  def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any) -> None:
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
+    """Restores `step` (default: the newest readable one) into the shardings of `abstract_state`.
+
+    A newest checkpoint that fails to read (half-written, corrupt) is reported and skipped in
+    favour of the one before it; an explicitly requested step is not.
+    """
+    candidates = [step] if step is not None else list(reversed(self.steps()))
+    if not candidates:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    errors = []
+    for s in candidates:
+      try:
+        restored = self.manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return s, restored["state"]
+      except Exception as e:  # orbax raises many types for unreadable data
+        errors.append(f"step {s}: {type(e).__name__}: {e}")
+        if step is None:
+          log.warning("checkpoint at step %d in %s is unreadable (%s); trying an older one",
+                      s, self.directory, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(
+        e.splitlines()[0] for e in errors))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,135 @@
+"""The `pdiff` command: the only place that parses flags. One small function per subcommand.
+
+Exit codes: 0 success; 2 bad usage or configuration (the message names the flag or key);
+1 any other failure, with a one-line cause on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Callable
+
+from absl import flags
+from ml_collections import config_flags
+
+USAGE = """usage: pdiff COMMAND [--flag=value ...]
+
+commands:
+  train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
+  info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
+
+`pdiff COMMAND --help` lists a command's flags."""
+
+
+class UsageError(Exception):
+  """Bad flags or configuration: exit code 2."""
+
+
+def _config_flag(fv: flags.FlagValues, required: bool = True) -> None:
+  config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).",
+                                  flag_values=fv, lock_config=True)
+  if required:
+    flags.mark_flag_as_required("config", flag_values=fv)
+
+
+def _flags_train(fv: flags.FlagValues) -> None:
+  _config_flag(fv)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, config.json and metrics.jsonl go.",
+                      flag_values=fv, required=True)
+
+
+def _cmd_train(fv: flags.FlagValues) -> int:
+  from pdiff_jax import train
+  train.train_and_evaluate(fv.config, fv.workdir)
+  return 0
+
+
+def _cmd_info(fv: flags.FlagValues) -> int:
+  import jax
+  from pdiff_jax import clip, config as config_lib, model as model_lib, sharding, train
+  config = fv.config
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config)
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  abstract, _ = train.state_shardings(model, tx, config, mesh)
+  cfg = config_lib.model_config(config)
+  print(json.dumps({
+      "trainable_params": model_lib.count_params(abstract.params),
+      "frozen_params": clip.frozen_param_count(config.clip.model),
+      "flops_per_train_example": model_lib.train_flops_per_example(cfg),
+      "flops_per_denoise_step": model_lib.denoise_step_flops(cfg),
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "devices": jax.device_count(),
+  }))
+  return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[[flags.FlagValues], int]]] = {
+    "train": (_flags_train, _cmd_train),
+    "info": (lambda fv: _config_flag(fv), _cmd_info),
+}
+
+
+def _parse(command: str, argv: list[str]) -> flags.FlagValues:
+  define, _ = COMMANDS[command]
+  fv = flags.FlagValues()
+  define(fv)
+  try:
+    rest = fv(["pdiff " + command] + argv)
+  except flags.Error as e:
+    raise UsageError(str(e)) from None
+  except SyntaxError as e:
+    raise UsageError(f"--config: {e.filename}:{e.lineno}: SyntaxError: {e.msg}") from None
+  except (AttributeError, KeyError) as e:  # config_flags: an override names no existing key
+    overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    raise UsageError(f"unknown config key {str(e).strip(chr(34))} in {', '.join(overrides)}; "
+                     "overrides can only set keys the config file defines") from None
+  if len(rest) > 1:
+    raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
+  if "config" in fv:
+    try:
+      fv.config.keys  # config_flags reports a bad file only on first use
+    except OSError as e:
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+      raise UsageError(f"--config={fv['config'].config_filename}: cannot load it "
+                       f"({lines[-1]})") from None
+  return fv
+
+
+def main(argv: list[str]) -> int:
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(USAGE)
+    return 0 if argv else 2
+  command, args = argv[0], argv[1:]
+  if command not in COMMANDS:
+    print(f"pdiff: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+  if any(a in ("-h", "--help") for a in args):
+    define, _ = COMMANDS[command]
+    fv = flags.FlagValues()
+    define(fv)
+    print(f"usage: pdiff {command} [flags]\n{fv.main_module_help() or fv}")
+    return 0
+
+  from pdiff_jax.checkpoint import CheckpointError
+  from pdiff_jax.config import ConfigError
+  from pdiff_jax.train import TrainingDiverged
+  try:
+    fv = _parse(command, args)
+    return COMMANDS[command][1](fv)
+  except (UsageError, ConfigError) as e:
+    print(f"pdiff {command}: {e}", file=sys.stderr)
+    return 2
+  except (CheckpointError, TrainingDiverged, FileNotFoundError, PermissionError) as e:
+    print(f"pdiff {command}: {e}", file=sys.stderr)
+    return 1
+
+
+def run() -> None:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  sys.exit(main(sys.argv[1:]))

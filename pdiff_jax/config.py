@@ -1,0 +1,182 @@
+"""Configuration: the defaults every config file starts from, and validation that names the bad key.
+
+Config files in `configs/` call `base_config()` and override what differs. `validate` is run at
+start-up by every command; it raises `ConfigError`, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import jax.numpy as jnp
+import ml_collections
+
+from pdiff_jax import diffusion
+from pdiff_jax.model import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LR_SCHEDULES = ("linear", "constant", "cosine")
+
+# Logical parameter/activation axis -> mesh axis. `model` shards heads, FFN and vocabulary;
+# activations are split over `data` on the batch axis.
+DEFAULT_RULES = (
+    ("batch", "data"),
+    ("heads", "model"),
+    ("mlp", "model"),
+    ("vocab", "model"),
+)
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message starts with the dotted key."""
+
+  def __init__(self, key: str, message: str):
+    super().__init__(f"config.{key}: {message}")
+    self.key = key
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The original Prefix-diffusion configuration (SPEC.md); config files override parts of it."""
+  c = ml_collections.ConfigDict()
+  c.seed = 3407
+
+  c.clip = ml_collections.ConfigDict()
+  c.clip.model = "openai/clip-vit-large-patch14"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "karpathy:data/coco/dataset_coco.json"
+  c.data.image_root = "data/coco/images"
+  c.data.feature_dir = "data/coco/features_vitl14"
+  c.data.max_len = 24
+  c.data.min_count = 2
+  c.data.restval_in_train = True
+  # Only for data.source == "synthetic": in-memory random features and captions.
+  c.data.synthetic_num_images = 256
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 14145  # the original's COCO vocabulary; replaced by len(vocab.json) when training on features
+  c.model.feature_dim = 768
+  c.model.prefix_len = 5
+  c.model.mapper_hidden = 1536
+  c.model.hidden_size = 768
+  c.model.num_layers = 12
+  c.model.num_heads = 12
+  c.model.mlp_dim = 3072
+  c.model.word_dim = 48
+  c.model.max_position = 512  # the original's table has 512 rows, 24 of them used
+  c.model.time_embed_dim = 128
+  c.model.time_hidden = 512
+  c.model.dropout = 0.1
+  c.model.attention_dropout = 0.1
+  c.model.dtype = "float32"
+  c.model.param_dtype = "float32"
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "trunc_cos"
+  c.diffusion.num_steps = 1000
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.lr_schedule = "linear"  # decays to 0 at train.num_steps
+  c.optim.warmup_steps = 0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off (the original has none)
+  c.optim.ema_decay = 0.9999
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 200_000
+  c.train.batch_size = 128
+  c.train.log_every = 100
+  c.train.checkpoint_every = 5000
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpointing = True
+  c.train.eval_every = 5000
+  c.train.eval_batches = 8
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.num_candidates = 20
+  c.sampler.steps = 200
+  c.sampler.eta = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)  # (data, model); -1 takes all remaining devices
+  c.mesh.rules = DEFAULT_RULES
+  return c
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(key, message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Rejects values that cannot work, naming the key. Checks that need devices live in sharding."""
+  m, t, o, d = config.model, config.train, config.optim, config.diffusion
+  _check(d.schedule in diffusion.SCHEDULES, "diffusion.schedule",
+         f"unknown schedule {d.schedule!r}; expected one of {', '.join(diffusion.SCHEDULES)}")
+  _check(d.num_steps >= 1, "diffusion.num_steps", f"must be >= 1, got {d.num_steps}")
+  for key in ("vocab_size", "feature_dim", "prefix_len", "mapper_hidden", "hidden_size",
+              "num_layers", "num_heads", "mlp_dim", "word_dim", "time_embed_dim", "time_hidden"):
+    _check(int(m[key]) >= 1, f"model.{key}", f"must be a positive integer, got {m[key]}")
+  _check(m.hidden_size % m.num_heads == 0, "model.num_heads",
+         f"model.hidden_size={m.hidden_size} is not divisible by num_heads={m.num_heads}")
+  _check(config.data.max_len >= 1, "data.max_len", f"must be >= 1, got {config.data.max_len}")
+  _check(m.max_position >= config.data.max_len, "model.max_position",
+         f"must be >= data.max_len={config.data.max_len}, got {m.max_position}")
+  for key in ("dropout", "attention_dropout"):
+    _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
+  for key in ("dtype", "param_dtype"):
+    _check(m[key] in DTYPES, f"model.{key}",
+           f"unknown dtype {m[key]!r}; expected one of {', '.join(DTYPES)}")
+  _check(t.num_steps >= 0, "train.num_steps", f"must be >= 0, got {t.num_steps}")
+  _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every"):
+    _check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
+  _check(t.eval_batches >= 0, "train.eval_batches", f"must be >= 0, got {t.eval_batches}")
+  _check(o.lr >= 0, "optim.lr", f"must be >= 0, got {o.lr}")
+  _check(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule",
+         f"unknown schedule {o.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
+  _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+  _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
+  _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+  _check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+  shape = tuple(config.mesh.shape)
+  _check(len(shape) == 2 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
+         and shape.count(-1) <= 1, "mesh.shape",
+         f"must be two positive integers (data, model), at most one of them -1; got {shape}")
+  _check(m.num_heads % shape[1] == 0 if shape[1] > 0 else True, "mesh.shape",
+         f"the model axis ({shape[1]}) must divide model.num_heads={m.num_heads}")
+  _check(config.sampler.num_candidates >= 1, "sampler.num_candidates",
+         f"must be >= 1, got {config.sampler.num_candidates}")
+  _check(config.sampler.steps >= 1, "sampler.steps", f"must be >= 1, got {config.sampler.steps}")
+  _check(0.0 <= config.sampler.eta <= 1.0, "sampler.eta",
+         f"must be in [0, 1], got {config.sampler.eta}")
+  source = config.data.source
+  _check(source in ("synthetic", "shapes") or source.split(":", 1)[0] in ("karpathy", "tfds", "folder"),
+         "data.source", f"unknown source {source!r}; expected karpathy:PATH, tfds:NAME, folder:PATH, "
+         "shapes or synthetic")
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  m = config.model
+  return ModelConfig(
+      vocab_size=m.vocab_size, feature_dim=m.feature_dim, prefix_len=m.prefix_len,
+      mapper_hidden=m.mapper_hidden, hidden_size=m.hidden_size, num_layers=m.num_layers,
+      num_heads=m.num_heads, mlp_dim=m.mlp_dim, word_dim=m.word_dim, max_len=config.data.max_len,
+      max_position=m.max_position, time_embed_dim=m.time_embed_dim, time_hidden=m.time_hidden,
+      dropout=m.dropout, attention_dropout=m.attention_dropout, dtype=DTYPES[m.dtype],
+      param_dtype=DTYPES[m.param_dtype])
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Reads a config written by `to_json` (workdir/config.json); lists of pairs become tuples."""
+  d = json.loads(text)
+  d["mesh"]["shape"] = tuple(d["mesh"]["shape"])
+  d["mesh"]["rules"] = tuple(tuple(r) for r in d["mesh"]["rules"])
+  return ml_collections.ConfigDict(d)

@@ -1,0 +1,271 @@
+"""The Prefix-diffusion network: CLIP-prefix mapper and bidirectional x0-denoiser (flax.linen).
+
+Pure modules: nothing here reads files or knows about data sources. Tensor names carry
+their shapes as suffixes: B batch, L caption length, P prefix length, T = L + P,
+D hidden size, W word-embedding size, F CLIP feature size, V vocabulary, H heads, K head size.
+
+Initialisation follows the original PyTorch code, not BERT or Flax defaults (SPEC.md):
+embedding tables N(0, 1); every Linear weight and bias U(+-1/sqrt(fan_in)); LayerNorm
+eps 1e-12; exact (erf) GELU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+LN_EPS = 1e-12
+
+
+def torch_linear_init(fan_in: int):
+  """PyTorch's nn.Linear default for weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def normal_init(key, shape, dtype=jnp.float32):
+  """PyTorch's nn.Embedding default: N(0, 1)."""
+  return jax.random.normal(key, shape, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes of the network; `configs/paper_coco.py` holds the original's values."""
+  vocab_size: int = 14145
+  feature_dim: int = 768
+  prefix_len: int = 5
+  mapper_hidden: int = 1536
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  word_dim: int = 48
+  max_len: int = 24
+  max_position: int = 512
+  time_embed_dim: int = 128
+  time_hidden: int = 512
+  dropout: float = 0.1
+  attention_dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+
+class Dense(nn.Module):
+  """A Linear layer with PyTorch's init and logical axis names on its kernel and bias."""
+  features: int | tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  contract: int = 1  # number of trailing input axes contracted
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    in_shape = x.shape[-self.contract:]
+    fan_in = math.prod(in_shape)
+    init = torch_linear_init(fan_in)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        in_shape + features, self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(init, self.kernel_axes[self.contract:]),
+                      features, self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    lhs = tuple(range(x.ndim - self.contract, x.ndim))
+    y = jax.lax.dot_general(x, kernel, ((lhs, tuple(range(self.contract))), ((), ())))
+    return y + bias
+
+
+def layer_norm(name: str, cfg: ModelConfig) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def embed_table(module: nn.Module, name: str, rows: int, cols: int, axes, cfg: ModelConfig):
+  return module.param(name, nn.with_logical_partitioning(normal_init, axes), (rows, cols),
+                      cfg.param_dtype)
+
+
+def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding [cos, sin] of (possibly fractional) timesteps, as in improved-diffusion."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t_B.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+class SelfAttention(nn.Module):
+  """BERT self-attention, no mask (every caption and prefix position sees every other)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, deterministic: bool):
+    cfg = self.cfg
+    head_dim = cfg.hidden_size // cfg.num_heads
+    proj = lambda name: Dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, name=name)
+    q_BTHK = proj("query")(x_BTD)
+    k_BTHK = proj("key")(x_BTD)
+    v_BTHK = proj("value")(x_BTD)
+    logits_BHTT = jnp.einsum("bqhk,bthk->bhqt", q_BTHK, k_BTHK) / math.sqrt(head_dim)
+    # Softmax in fp32 whatever the compute dtype.
+    probs_BHTT = jax.nn.softmax(logits_BHTT.astype(jnp.float32), axis=-1).astype(cfg.dtype)
+    probs_BHTT = nn.Dropout(cfg.attention_dropout)(probs_BHTT, deterministic=deterministic)
+    out_BTHK = jnp.einsum("bhqt,bthk->bqhk", probs_BHTT, v_BTHK)
+    return Dense(cfg.hidden_size, ("heads", "kv", "embed"), contract=2, dtype=cfg.dtype,
+                 param_dtype=cfg.param_dtype, name="out")(out_BTHK)
+
+
+class EncoderLayer(nn.Module):
+  """Post-LN BERT block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, deterministic: bool):
+    cfg = self.cfg
+    drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    h_BTD = SelfAttention(cfg, name="attention")(x_BTD, deterministic)
+    x_BTD = layer_norm("attention_ln", cfg)(x_BTD + drop(h_BTD))
+    h_BTF = Dense(cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  name="intermediate")(x_BTD)
+    h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
+    h_BTF = jax.nn.gelu(h_BTF, approximate=False)
+    h_BTD = Dense(cfg.hidden_size, ("mlp", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  name="output")(h_BTF)
+    x_BTD = layer_norm("output_ln", cfg)(x_BTD + drop(h_BTD))
+    return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+
+
+class Mapper(nn.Module):
+  """CLIP embedding -> k prefix vectors: Linear, ReLU, Dropout, Linear, reshape."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, clip_BF, deterministic: bool):
+    cfg = self.cfg
+    h = Dense(cfg.mapper_hidden, ("feature", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+              name="fc1")(clip_BF)
+    h = nn.Dropout(cfg.dropout)(jax.nn.relu(h), deterministic=deterministic)
+    h = Dense(cfg.prefix_len * cfg.hidden_size, ("mlp", "prefix_embed"), dtype=cfg.dtype,
+              param_dtype=cfg.param_dtype, name="fc2")(h)
+    return h.reshape(h.shape[0], cfg.prefix_len, cfg.hidden_size)
+
+
+class PrefixDenoiser(nn.Module):
+  """Predicts clean word embeddings x0 from noisy ones x_t, the timestep and the CLIP embedding.
+
+  `__call__(x_BLW, t_B, clip_BF)` -> x0_hat_BLW; `embed(ids_BL)` and `logits(x_BLW)` share the word
+  embedding table (the output head is tied to it and has its own bias).
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    dense = lambda n, axes, name: Dense(n, axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                        name=name)
+    self.word_embedding = embed_table(self, "word_embedding", cfg.vocab_size, cfg.word_dim,
+                                      ("vocab", "word"), cfg)
+    self.head_bias = self.param("head_bias", nn.with_logical_partitioning(
+        torch_linear_init(cfg.word_dim), ("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
+    self.mapper = Mapper(cfg)
+    self.time_fc1 = dense(cfg.time_hidden, ("time", "time_hidden"), "time_fc1")
+    self.time_fc2 = dense(cfg.hidden_size, ("time_hidden", "embed"), "time_fc2")
+    self.up_fc1 = dense(cfg.hidden_size, ("word", "embed"), "up_fc1")
+    self.up_fc2 = dense(cfg.hidden_size, ("embed", "embed_out"), "up_fc2")
+    self.position_embedding = embed_table(self, "position_embedding", cfg.max_position,
+                                          cfg.hidden_size, ("position", "embed"), cfg)
+    self.prefix_position_embedding = embed_table(self, "prefix_position_embedding", cfg.prefix_len,
+                                                 cfg.hidden_size, ("position", "embed"), cfg)
+    self.token_type_embedding = embed_table(self, "token_type_embedding", 2, cfg.hidden_size,
+                                            ("position", "embed"), cfg)
+    self.text_ln = layer_norm("text_ln", cfg)
+    self.prefix_ln = layer_norm("prefix_ln", cfg)
+    self.layers = [EncoderLayer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.down_fc1 = dense(cfg.hidden_size, ("embed", "embed_out"), "down_fc1")
+    self.down_fc2 = dense(cfg.word_dim, ("embed", "word"), "down_fc2")
+    self.dropout = nn.Dropout(cfg.dropout)
+
+  def embed(self, ids_BL: jax.Array) -> jax.Array:
+    """Token ids -> word embeddings E[w] (the mean of x0), in fp32."""
+    return jnp.take(self.word_embedding, ids_BL, axis=0).astype(jnp.float32)
+
+  def logits(self, x_BLW: jax.Array) -> jax.Array:
+    """Tied output head: x @ E^T + b, in fp32."""
+    logits = jnp.einsum("blw,vw->blv", x_BLW.astype(jnp.float32),
+                        self.word_embedding.astype(jnp.float32))
+    return logits + self.head_bias.astype(jnp.float32)
+
+  def __call__(self, x_BLW: jax.Array, t_B: jax.Array, clip_BF: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    cfg = self.cfg
+    drop = lambda y: self.dropout(y, deterministic=deterministic)
+    length = x_BLW.shape[1]
+    cast = lambda a: a.astype(cfg.dtype)
+
+    # Prefix path: no timestep embedding.
+    prefix_BPD = self.mapper(clip_BF, deterministic)
+    prefix_BPD = prefix_BPD + cast(self.token_type_embedding[0]) + cast(self.prefix_position_embedding)
+    prefix_BPD = drop(self.prefix_ln(prefix_BPD))
+
+    # Text path: up-projected noisy embeddings + position + timestep + token type.
+    time_BD = self.time_fc2(jax.nn.silu(self.time_fc1(timestep_embedding(t_B, cfg.time_embed_dim))))
+    text_BLD = self.up_fc2(drop(jnp.tanh(self.up_fc1(x_BLW))))
+    text_BLD = (text_BLD + cast(self.position_embedding[:length])[None] + time_BD[:, None]
+                + cast(self.token_type_embedding[1]))
+    text_BLD = drop(self.text_ln(text_BLD))
+
+    h_BTD = jnp.concatenate([text_BLD, prefix_BPD], axis=1)
+    h_BTD = nn.with_logical_constraint(h_BTD, ("batch", "length", "embed"))
+    for layer in self.layers:
+      h_BTD = layer(h_BTD, deterministic)
+    h_BLD = h_BTD[:, :length]
+    x0_BLW = self.down_fc2(drop(jnp.tanh(self.down_fc1(h_BLD))))
+    return x0_BLW.astype(jnp.float32)
+
+
+def count_params(params) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def forward_flops(cfg: ModelConfig, *, with_mapper: bool = True, with_head: bool = True) -> int:
+  """Matmul FLOPs (2 per multiply-add) of one example's forward pass, counted from the config.
+
+  Mapper (once per image), timestep MLP, up/down projections, per layer QKV/output projections
+  (8 T D^2), attention scores and mixing (4 T^2 D) and FFN (4 T D F), and the tied V-way head
+  over L positions (rounding in training, nearest-embedding clamping in sampling). Element-wise
+  work (LayerNorm, softmax, GELU) is left out, as is customary for MFU.
+  """
+  L, P, D, W = cfg.max_len, cfg.prefix_len, cfg.hidden_size, cfg.word_dim
+  T = L + P
+  flops = 2 * (cfg.time_embed_dim * cfg.time_hidden + cfg.time_hidden * D)
+  flops += 2 * L * (W * D + D * D) * 2  # up and down projections
+  flops += cfg.num_layers * (8 * T * D * D + 4 * T * T * D + 4 * T * D * cfg.mlp_dim)
+  if with_mapper:
+    flops += 2 * (cfg.feature_dim * cfg.mapper_hidden + cfg.mapper_hidden * P * D)
+  if with_head:
+    flops += 2 * L * W * cfg.vocab_size
+  return flops
+
+
+def train_flops_per_example(cfg: ModelConfig) -> int:
+  """Forward + backward (twice the forward) of one training example."""
+  return 3 * forward_flops(cfg)
+
+
+def denoise_step_flops(cfg: ModelConfig) -> int:
+  """One candidate, one sampling step: the denoiser plus nearest-embedding search; the mapper
+  runs once per image, not per step."""
+  return forward_flops(cfg, with_mapper=False)

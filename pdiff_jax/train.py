@@ -1,0 +1,325 @@
+"""Training: TrainState, the pure sharded `train_step`, and the `train_and_evaluate` loop.
+
+The loop owns logging (metrics.jsonl, TensorBoard, console), the held-out loss, checkpoints
+and resume; everything random inside a step derives from `fold_in(seed_key, step)`, so a
+resumed run is identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from pdiff_jax import checkpoint as ckpt_lib
+from pdiff_jax import config as config_lib
+from pdiff_jax import diffusion
+from pdiff_jax import sharding as sharding_lib
+from pdiff_jax.data import pipeline
+from pdiff_jax.model import PrefixDenoiser, count_params
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("loss", "loss_mse", "loss_round", "loss_prior", "grad_norm", "lr")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+def make_model(config: ml_collections.ConfigDict) -> PrefixDenoiser:
+  return PrefixDenoiser(config_lib.model_config(config))
+
+
+def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  o, total = config.optim, max(int(config.train.num_steps), 1)
+  warmup = min(int(o.warmup_steps), total)
+  if o.lr_schedule == "linear":
+    decay = optax.linear_schedule(o.lr, 0.0, max(total - warmup, 1))
+  elif o.lr_schedule == "cosine":
+    decay = optax.cosine_decay_schedule(o.lr, max(total - warmup, 1))
+  else:
+    decay = optax.constant_schedule(o.lr)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), decay], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with decoupled weight decay on every parameter (as torch.optim.AdamW in the original)."""
+  o = config.optim
+  adamw = optax.adamw(make_lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                      weight_decay=o.weight_decay)
+  if o.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
+  return adamw
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1):
+  m = config.model
+  return (jnp.zeros((batch, config.data.max_len, m.word_dim), jnp.float32),
+          jnp.zeros((batch,), jnp.float32),
+          jnp.zeros((batch, m.feature_dim), jnp.float32))
+
+
+def init_state(model: PrefixDenoiser, tx: optax.GradientTransformation, config, key) -> TrainState:
+  """A fresh state whose leaves still carry logical axis names (nn.Partitioned boxes)."""
+  params = model.init({"params": key}, *dummy_inputs(config))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params)
+
+
+def state_shardings(model, tx, config, mesh):
+  """(abstract unboxed state, its NamedShardings) without allocating anything."""
+  boxed = jax.eval_shape(functools.partial(init_state, model, tx, config), jax.random.key(0))
+  shardings = sharding_lib.logical_shardings(boxed, mesh, sharding_lib.rules(config))
+  return nn.meta.unbox(boxed), shardings
+
+
+def create_state(model, tx, config, mesh, key):
+  """Initialises the state directly into its shardings (no full copy on one device first)."""
+  abstract, shardings = state_shardings(model, tx, config, mesh)
+  init = jax.jit(lambda k: nn.meta.unbox(init_state(model, tx, config, k)), out_shardings=shardings)
+  with jax.set_mesh(mesh):
+    return init(key), abstract, shardings
+
+
+def loss_fn(params, batch, key, *, model: PrefixDenoiser, schedule: diffusion.Schedule,
+            train: bool):
+  """Mean three-term loss over the batch, and the per-term means."""
+  k_t, k_noise, k_drop = jax.random.split(key, 3)
+  ids_BL, clip_BF = batch["ids"], batch["features"]
+  t_B = jax.random.randint(k_t, (ids_BL.shape[0],), 0, schedule.num_steps)
+  variables = {"params": params}
+  rngs = {"dropout": k_drop} if train else {}
+
+  def denoise(x_t, model_t):
+    return model.apply(variables, x_t, model_t, clip_BF, deterministic=not train, rngs=rngs)
+
+  losses = diffusion.training_losses(
+      schedule, model.apply(variables, ids_BL, method="embed"), ids_BL, t_B, k_noise, denoise,
+      lambda x: model.apply(variables, x, method="logits"))
+  means = {k: jnp.mean(v) for k, v in losses._asdict().items()}
+  return means["loss"], means
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
+               model: PrefixDenoiser, tx: optax.GradientTransformation,
+               schedule: diffusion.Schedule, lr_schedule: optax.Schedule,
+               ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  step_key = jax.random.fold_in(key, state.step)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, schedule=schedule,
+                                                 train=True), has_aux=True)
+  (_, terms), grads = grad_fn(state.params, batch, step_key)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  metrics = {"loss": terms["loss"], "loss_mse": terms["mse"], "loss_round": terms["round"],
+             "loss_prior": terms["prior"], "grad_norm": optax.tree.norm(grads),
+             "lr": lr_schedule(state.step)}
+  return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+
+def eval_step(params, batch, key, *, model, schedule):
+  return loss_fn(params, batch, key, model=model, schedule=schedule, train=False)[1]
+
+
+def jit_train_step(model, tx, config, mesh, shardings) -> Callable:
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                           lr_schedule=make_lr_schedule(config),
+                           ema_decay=config.optim.ema_decay)
+  return jax.jit(step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh),
+                                     sharding_lib.replicated(mesh)),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+
+
+def load_splits(config) -> tuple[pipeline.CaptionSplit, pipeline.CaptionSplit | None]:
+  """(train, validation or None) for the configured source."""
+  d, m = config.data, config.model
+  if d.source == "synthetic":
+    make = functools.partial(pipeline.synthetic_split, vocab_size=m.vocab_size,
+                             max_len=d.max_len, feature_dim=m.feature_dim)
+    return (make(d.synthetic_num_images, seed=config.seed),
+            make(max(d.synthetic_num_images // 8, 1), seed=config.seed + 1))
+  raise config_lib.ConfigError(
+      "data.source", f"{d.source!r}: training reads features written by `pdiff extract`, which "
+      "is not part of this version yet; use data.source=synthetic")
+
+
+class _Stop:
+  """Set by SIGTERM (preemption): the loop saves a checkpoint at the next step and exits."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __call__(self, signum, frame):
+    log.warning("received signal %d: saving a checkpoint and stopping", signum)
+    self.requested = True
+
+
+class _MetricsLog:
+  """metrics.jsonl (appended; lines past the resume step dropped), TensorBoard and console."""
+
+  def __init__(self, workdir: str, start_step: int, total_steps: int, enabled: bool):
+    self.enabled, self.total = enabled, total_steps
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.writer = None
+    if not enabled:
+      return
+    if os.path.exists(self.path):  # a resumed run redoes the steps after its checkpoint
+      with open(self.path) as f:
+        kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= start_step]
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(self.path + ".tmp", self.path)
+    from tensorboardX import SummaryWriter
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+    now = time.perf_counter()
+    record = {"step": step, **{prefix + k: float(v) for k, v in values.items()}}
+    if not prefix:
+      rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+      record["steps_per_sec"] = rate
+      eta = (self.total - step) / rate if rate > 0 else float("inf")
+      log.info("step %d/%d  loss %.4f (mse %.4f round %.4f)  %.2f steps/s  ETA %s", step,
+               self.total, record["loss"], record["loss_mse"], record["loss_round"], rate,
+               _duration(eta))
+      self.last_step, self.last_time = step, now
+    else:
+      log.info("step %d  %s", step, "  ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                             if k != "step"))
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step":
+        self.writer.add_scalar(k, v, step)
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices=None) -> TrainState:
+  """Trains to `config.train.num_steps`, resuming from the newest checkpoint in `workdir`."""
+  config_lib.validate(config)
+  train_split, val_split = load_splits(config)
+  mesh = sharding_lib.make_mesh(config, devices)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
+  log.info("jax %s, flax %s, optax %s; %d process(es), %d device(s): %s; mesh %s",
+           jax.__version__, flax.__version__, optax.__version__, jax.process_count(),
+           mesh.devices.size, mesh.devices.flat[0].device_kind, dict(mesh.shape))
+
+  model, tx = make_model(config), make_optimizer(config)
+  root_key = jax.random.key(config.seed)
+  init_key, step_key, eval_key = jax.random.split(root_key, 3)
+  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints,
+                               config.train.async_checkpointing)
+  abstract, shardings = state_shardings(model, tx, config, mesh)
+  log.info("trainable parameters: %s", f"{count_params(abstract.params):,}")
+  if ckpts.latest_step() is not None:
+    start, state = ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings))
+    log.info("resumed from step %d in %s", start, ckpts.directory)
+  else:
+    state, _, _ = create_state(model, tx, config, mesh, init_key)
+    start = 0
+
+  p_train_step = jit_train_step(model, tx, config, mesh, shardings)
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+  p_eval_step = jax.jit(functools.partial(eval_step, model=model, schedule=schedule),
+                        in_shardings=(shardings.ema_params, sharding_lib.batch_sharding(mesh),
+                                      sharding_lib.replicated(mesh)),
+                        out_shardings=sharding_lib.replicated(mesh))
+
+  t = config.train
+  total = int(t.num_steps)
+  metrics_log = _MetricsLog(workdir, start, total, is_main)
+  stop = _Stop()
+  previous_handler = signal.signal(signal.SIGTERM, stop)
+
+  def batch_at(split, step):
+    local = pipeline.local_batch(split, step, t.batch_size, config.seed, jax.process_index(),
+                                 jax.process_count())
+    return sharding_lib.global_batch(local, mesh)
+
+  def finish(step: int, metrics) -> None:
+    values = jax.device_get(metrics)
+    if not all(math.isfinite(float(v)) for v in values.values()):
+      raise TrainingDiverged(
+          f"non-finite loss at step {step} ({', '.join(f'{k}={float(v)}' for k, v in values.items())});"
+          f" the last good checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
+    if step % t.log_every == 0 or step == total:
+      metrics_log.write(step, values)
+
+  def evaluate(step: int) -> None:
+    if val_split is None or t.eval_batches == 0:
+      return
+    sums: dict[str, float] = {}
+    for i in range(t.eval_batches):
+      terms = jax.device_get(p_eval_step(state.ema_params, batch_at(val_split, i),
+                                         jax.random.fold_in(eval_key, i)))
+      for k, v in terms.items():
+        sums[k] = sums.get(k, 0.0) + float(v) / t.eval_batches
+    metrics_log.write(step, sums, prefix="eval_")
+
+  pending = None
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, total):
+        state, metrics = p_train_step(state, batch_at(train_split, step), step_key)
+        if pending is not None:  # fetched one step late so the host never waits on the device
+          finish(*pending)
+        done, pending = step + 1, (step + 1, metrics)
+        if done % t.checkpoint_every == 0 or done == total or stop.requested:
+          finish(*pending)
+          pending = None
+          ckpts.save(done, state)
+        if done % t.eval_every == 0 or done == total:
+          evaluate(done)
+        if stop.requested:
+          log.warning("stopped at step %d on request; checkpoint saved", done)
+          break
+      if pending is not None:
+        finish(*pending)
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    ckpts.close()
+    metrics_log.close()
+  return state

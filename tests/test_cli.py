@@ -1,0 +1,106 @@
+"""The `pdiff` command line, run as a user runs it (a subprocess), on one CPU device."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_pdiff
+
+ONE_DEVICE = {"XLA_FLAGS": ""}
+
+
+def test_train_then_resume(tmp_path):
+  w = str(tmp_path / "w")
+  r = run_pdiff("train", "--config=configs/tiny.py", f"--workdir={w}",
+                "--config.train.num_steps=50", env=ONE_DEVICE)
+  assert r.returncode == 0, r.stderr
+  assert "trainable parameters: 25,352" in r.stderr
+  records = [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
+  train_records = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train_records] == [10, 20, 30, 40, 50]
+  for key in ("step", "loss", "loss_mse", "loss_round", "loss_prior", "lr", "grad_norm", "steps_per_sec"):
+    assert key in train_records[-1]
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["25", "50"]
+  assert json.load(open(os.path.join(w, "config.json")))["train"]["num_steps"] == 50
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(w, "tensorboard")))
+
+  r = run_pdiff("train", "--config=configs/tiny.py", f"--workdir={w}",
+                "--config.train.num_steps=80", env=ONE_DEVICE)
+  assert r.returncode == 0, r.stderr
+  assert "resumed from step 50" in r.stderr
+  steps = [json.loads(l)["step"] for l in open(os.path.join(w, "metrics.jsonl"))
+           if "loss" in json.loads(l)]
+  assert steps == [10, 20, 30, 40, 50, 60, 70, 80]
+  assert sorted(os.listdir(os.path.join(w, "checkpoints")), key=int) == ["50", "75", "80"]
+
+
+def test_info_paper_config():
+  r = run_pdiff("info", "--config=configs/paper_coco.py", env=ONE_DEVICE)
+  assert r.returncode == 0, r.stderr
+  info = json.loads(r.stdout)
+  assert abs(info["trainable_params"] - 94.9e6) / 94.9e6 < 0.005
+  assert info["trainable_params"] == 94_948_257
+  assert info["flops_per_train_example"] * 128 == pytest.approx(1.95e12, rel=0.01)
+  assert info["mesh"] == {"data": 1, "model": 1} and info["devices"] == 1
+  assert set(info) == {"trainable_params", "frozen_params", "flops_per_train_example",
+                       "flops_per_denoise_step", "mesh", "devices"}
+
+
+def test_info_vitb32_config():
+  r = run_pdiff("info", "--config=configs/coco_vitb32.py", env=ONE_DEVICE)
+  assert r.returncode == 0, r.stderr
+  # Only the mapper's first layer shrinks: 256 fewer inputs x 1536.
+  assert json.loads(r.stdout)["trainable_params"] == 94_948_257 - 256 * 1536
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.diffusion.schedule=cosinus"], "config.diffusion.schedule"),
+    (["--config.train.num_steps=-5"], "config.train.num_steps"),
+    (["--config.train.nope=1"], "nope"),
+    (["--config.mesh.shape=(3,1)"], "config.mesh.shape"),
+    (["--bogus=1"], "bogus"),
+])
+def test_bad_usage_exits_2_naming_the_key(args, expected, tmp_path):
+  r = run_pdiff("train", "--config=configs/tiny.py", f"--workdir={tmp_path}", *args, env=ONE_DEVICE)
+  assert r.returncode == 2, (r.returncode, r.stderr)
+  assert expected in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_missing_flags_and_unknown_command():
+  r = run_pdiff("train", "--config=configs/tiny.py", env=ONE_DEVICE)
+  assert r.returncode == 2 and "workdir" in r.stderr
+  r = run_pdiff("train", "--config=configs/missing.py", "--workdir=/tmp/x", env=ONE_DEVICE)
+  assert r.returncode == 2 and "missing.py" in r.stderr and "Traceback" not in r.stderr
+  r = run_pdiff("frobnicate", env=ONE_DEVICE)
+  assert r.returncode == 2 and "unknown command" in r.stderr
+  r = run_pdiff("--help", env=ONE_DEVICE)
+  assert r.returncode == 0 and "train" in r.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_0(tmp_path):
+  w = str(tmp_path / "w")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "pdiff_jax", "train", "--config=configs/tiny.py", f"--workdir={w}",
+       "--config.train.num_steps=1000000", "--config.train.log_every=5",
+       "--config.train.checkpoint_every=1000000"],
+      cwd=ROOT, env=dict(os.environ, **ONE_DEVICE), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  metrics = os.path.join(w, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  steps = os.listdir(os.path.join(w, "checkpoints"))
+  assert len(steps) == 1 and 5 <= int(steps[0]) < 1000000
+  assert f"stopped at step {steps[0]}" in err

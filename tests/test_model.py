@@ -1,0 +1,165 @@
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from pdiff_jax import config as config_lib
+from pdiff_jax import model as model_lib
+from pdiff_jax.model import ModelConfig, PrefixDenoiser
+
+
+def _init(cfg: ModelConfig, batch=2, key=0):
+  m = PrefixDenoiser(cfg)
+  x = jnp.zeros((batch, cfg.max_len, cfg.word_dim))
+  params = m.init(jax.random.key(key), x, jnp.zeros((batch,)), jnp.zeros((batch, cfg.feature_dim)))
+  return m, nn.meta.unbox(params)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = config_lib.model_config(load_config("tiny"))
+  return (cfg,) + _init(cfg)
+
+
+def test_paper_config_parameter_count():
+  cfg = config_lib.model_config(load_config("paper_coco"))
+  m = PrefixDenoiser(cfg)
+  shapes = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 24, 48)), jnp.zeros((1,)),
+                          jnp.zeros((1, 768)))
+  p = nn.meta.unbox(shapes)["params"]
+  assert model_lib.count_params(p) == 94_948_257  # SPEC.md, exactly the original's
+  encoder = sum(model_lib.count_params(p[f"layer_{i}"]) for i in range(12))
+  assert encoder == 85_054_464
+  assert model_lib.count_params(p["mapper"]) == 7_083_264
+
+
+def test_shapes(tiny):
+  cfg, m, params = tiny
+  B = 3
+  x = jax.random.normal(jax.random.key(1), (B, cfg.max_len, cfg.word_dim))
+  out = m.apply(params, x, jnp.arange(B, dtype=jnp.float32), jnp.ones((B, cfg.feature_dim)))
+  assert out.shape == (B, cfg.max_len, cfg.word_dim) and out.dtype == jnp.float32
+  ids = jnp.zeros((B, cfg.max_len), jnp.int32)
+  assert m.apply(params, ids, method="embed").shape == (B, cfg.max_len, cfg.word_dim)
+  assert m.apply(params, x, method="logits").shape == (B, cfg.max_len, cfg.vocab_size)
+  # Shorter captions work too (the position table is sliced).
+  assert m.apply(params, x[:, :3], jnp.zeros((B,)), jnp.ones((B, cfg.feature_dim))).shape == (B, 3, cfg.word_dim)
+
+
+def test_tied_head_is_embedding_transpose_plus_bias(tiny):
+  cfg, m, params = tiny
+  x = jax.random.normal(jax.random.key(2), (2, cfg.max_len, cfg.word_dim))
+  E = params["params"]["word_embedding"]
+  b = params["params"]["head_bias"]
+  np.testing.assert_allclose(m.apply(params, x, method="logits"), x @ E.T + b, rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_follows_pytorch_defaults():
+  cfg = ModelConfig(vocab_size=4000, feature_dim=64, prefix_len=2, mapper_hidden=96,
+                    hidden_size=128, num_layers=1, num_heads=4, mlp_dim=256, word_dim=48,
+                    max_len=8, max_position=512)
+  _, params = _init(cfg)
+  p = params["params"]
+  for table in ("word_embedding", "position_embedding"):  # N(0, 1)
+    v = np.asarray(p[table])
+    assert abs(v.mean()) < 0.02 and abs(v.std() - 1) < 0.02, table
+  for path, fan_in in ((("up_fc1", "kernel"), 48), (("layer_0", "intermediate", "kernel"), 128),
+                       (("layer_0", "intermediate", "bias"), 128), (("layer_0", "output", "kernel"), 256),
+                       (("layer_0", "attention", "query", "kernel"), 128),
+                       (("layer_0", "attention", "out", "kernel"), 128), (("head_bias",), 48)):
+    v = np.asarray(p[path[0]] if len(path) == 1 else _get(p, path))
+    bound = 1 / math.sqrt(fan_in)
+    assert np.abs(v).max() <= bound, path  # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert np.abs(v).max() > 0.9 * bound and abs(v.std() - bound / math.sqrt(3)) < 0.1 * bound, path
+  ln = p["layer_0"]["attention_ln"]
+  assert np.all(ln["scale"] == 1) and np.all(ln["bias"] == 0)
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def test_layer_norm_eps_and_exact_gelu(tiny):
+  cfg, m, params = tiny
+  # With eps 1e-12 a row of tiny variance still normalises to +-1 (Flax's 1e-6 would not).
+  ln = model_lib.layer_norm("ln", ModelConfig(hidden_size=2))
+  x = jnp.array([[0.0, 2e-4]])
+  y = ln.apply(ln.init(jax.random.key(0), x), x)
+  np.testing.assert_allclose(y, [[-1.0, 1.0]], atol=1e-3)
+  # The FFN's GELU is the exact erf form.
+  x = jnp.ones((1, cfg.max_len, cfg.word_dim))
+  jaxpr = str(jax.make_jaxpr(lambda p: m.apply(p, x, jnp.zeros((1,)), jnp.ones((1, cfg.feature_dim))))(params))
+  assert "erfc" in jaxpr or " erf " in jaxpr
+
+
+def test_attention_is_bidirectional_and_prefix_matters(tiny):
+  cfg, m, params = tiny
+  B = 2
+  x = jax.random.normal(jax.random.key(3), (B, cfg.max_len, cfg.word_dim))
+  t = jnp.full((B,), 10.0)
+  c = jax.random.normal(jax.random.key(4), (B, cfg.feature_dim))
+  base = m.apply(params, x, t, c)
+  # Changing the last caption position changes the first output: no causal mask.
+  changed = m.apply(params, x.at[:, -1].add(1.0), t, c)
+  assert not np.allclose(base[:, 0], changed[:, 0])
+  # The image prefix and the timestep both reach every position.
+  assert not np.allclose(base, m.apply(params, x, t, c + 1.0))
+  assert not np.allclose(base, m.apply(params, x, t + 100.0, c))
+  # Examples do not leak into each other.
+  np.testing.assert_allclose(base[:1], m.apply(params, x[:1], t[:1], c[:1]), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_only_in_training(tiny):
+  cfg, m, params = tiny
+  x = jnp.ones((2, cfg.max_len, cfg.word_dim))
+  args = (x, jnp.zeros((2,)), jnp.ones((2, cfg.feature_dim)))
+  a = m.apply(params, *args, deterministic=False, rngs={"dropout": jax.random.key(0)})
+  b = m.apply(params, *args, deterministic=False, rngs={"dropout": jax.random.key(1)})
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(m.apply(params, *args), m.apply(params, *args))
+
+
+def test_bfloat16_compute_close_to_float32(tiny):
+  cfg, m, params = tiny
+  m16 = PrefixDenoiser(ModelConfig(**{**cfg.__dict__, "dtype": jnp.bfloat16}))
+  x = jax.random.normal(jax.random.key(5), (2, cfg.max_len, cfg.word_dim))
+  args = (x, jnp.full((2,), 3.0), jnp.ones((2, cfg.feature_dim)))
+  a, b = m.apply(params, *args), m16.apply(params, *args)
+  assert b.dtype == jnp.float32
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() < 0.1 * np.abs(np.asarray(a)).max()
+
+
+def test_timestep_embedding_matches_improved_diffusion():
+  t = jnp.array([0.0, 5.0, 999.0])
+  emb = np.asarray(model_lib.timestep_embedding(t, 128))
+  half = 64
+  freqs = np.exp(-math.log(10000) * np.arange(half) / half)
+  args = np.array([0.0, 5.0, 999.0])[:, None] * freqs[None]
+  np.testing.assert_allclose(emb, np.concatenate([np.cos(args), np.sin(args)], -1), atol=2e-4)
+
+
+def test_flop_count_matches_xla_for_the_matmuls():
+  """The documented formula against XLA's own count of one paper-sized forward pass."""
+  cfg = config_lib.model_config(load_config("paper_coco"))
+  m = PrefixDenoiser(cfg)
+  x, t, c = jnp.zeros((1, 24, 48)), jnp.zeros((1,)), jnp.zeros((1, 768))
+  params = jax.eval_shape(m.init, jax.random.key(0), x, t, c)
+
+  def fwd(p, x, t, c):
+    out = m.apply(p, x, t, c)
+    return m.apply(p, out, method="logits")
+
+  cost = jax.jit(fwd).lower(params, x, t, c).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  ours = model_lib.forward_flops(cfg)
+  assert abs(cost["flops"] - ours) / ours < 0.03, (cost["flops"], ours)
+  # SPEC/issue orientation figures: ~1.95 TFLOP per batch-128 train step, ~0.10 TFLOP per
+  # denoising step of 20 candidates.
+  assert model_lib.train_flops_per_example(cfg) * 128 == pytest.approx(1.95e12, rel=0.01)
+  assert model_lib.denoise_step_flops(cfg) * 20 == pytest.approx(0.10e12, rel=0.02)

@@ -1,0 +1,215 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import load_config
+from pdiff_jax import checkpoint as ckpt_lib
+from pdiff_jax import config as config_lib
+from pdiff_jax import sharding as sharding_lib
+from pdiff_jax import train
+from pdiff_jax.data import pipeline
+
+
+def _run_steps(config, devices, num_steps, batch_fn=None):
+  """Creates a state on a mesh over `devices` and runs `num_steps` train steps."""
+  mesh = sharding_lib.make_mesh(config, devices)
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  state, _, shardings = train.create_state(model, tx, config, mesh, jax.random.key(config.seed))
+  step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
+  split, _ = train.load_splits(config)
+  history = []
+  with jax.set_mesh(mesh):
+    for step in range(num_steps):
+      local = batch_fn(step) if batch_fn else pipeline.local_batch(
+          split, step, config.train.batch_size, config.seed)
+      state, metrics = step_fn(state, sharding_lib.global_batch(local, mesh), jax.random.key(7))
+      history.append(jax.device_get(metrics))
+  return state, history, shardings
+
+
+def test_loss_drops_on_a_fixed_batch():
+  config = load_config("tiny", **{"optim.lr_schedule": "constant", "model.dropout": 0.0,
+                                  "model.attention_dropout": 0.0})
+  split, _ = train.load_splits(config)
+  fixed = pipeline.local_batch(split, 0, config.train.batch_size, config.seed)
+  _, history, _ = _run_steps(config, jax.devices()[:1], 200, batch_fn=lambda step: fixed)
+  first = np.mean([h["loss"] for h in history[:5]])
+  last = np.mean([h["loss"] for h in history[-5:]])
+  assert last < 0.5 * first, (first, last)
+
+
+def test_sharded_equals_single_device():
+  assert jax.device_count() == 8
+  config = load_config("tiny")
+  single, h1, _ = _run_steps(load_config("tiny", **{"mesh.shape": (1, 1)}), jax.devices()[:1], 3)
+  sharded, h8, shardings = _run_steps(load_config("tiny", **{"mesh.shape": (4, 2)}), jax.devices(), 3)
+  # The model axis really splits heads and FFN.
+  q = shardings.params["layer_0"]["attention"]["query"]["kernel"]
+  assert q.spec == jax.sharding.PartitionSpec(None, "model", None)
+  assert sharded.params["layer_0"]["intermediate"]["kernel"].sharding.shard_shape(
+      (config.model.hidden_size, config.model.mlp_dim)) == (config.model.hidden_size, config.model.mlp_dim // 2)
+  for a, b in zip(h1, h8):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+  flat8 = dict(jax.tree_util.tree_flatten_with_path(sharded.params)[0])
+  for path, a in jax.tree_util.tree_flatten_with_path(single.params)[0]:
+    name = jax.tree_util.keystr(path)
+    if "['key']['bias']" in name:
+      # The key bias adds the same logit to every key of a query, which softmax ignores: its
+      # gradient is zero in exact arithmetic, so Adam turns summation-order noise into
+      # lr-sized steps. Nothing to compare there.
+      continue
+    a, b = np.asarray(a), np.asarray(flat8[path])
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max(), err_msg=name)
+
+
+def _params(state):
+  return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def test_resume_is_bit_identical(tmp_path, monkeypatch):
+  """10 steps, a crash, a resumed run to 20 == 20 uninterrupted steps, bit for bit."""
+  config = load_config("tiny", **{"train.checkpoint_every": 5, "train.log_every": 1,
+                                  "train.eval_every": 1000, "train.num_steps": 20})
+  devices = jax.devices()[:1]
+  full = train.train_and_evaluate(config, str(tmp_path / "full"), devices=devices)
+
+  real = pipeline.local_batch
+
+  def crash_at_12(split, step, *args, **kwargs):
+    if step == 12:
+      raise RuntimeError("simulated crash")
+    return real(split, step, *args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "local_batch", crash_at_12)
+  part = str(tmp_path / "part")
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.train_and_evaluate(config, part, devices=devices)
+  assert ckpt_lib.Checkpoints(os.path.join(part, "checkpoints")).latest_step() == 10
+  monkeypatch.setattr(pipeline, "local_batch", real)
+  resumed = train.train_and_evaluate(config, part, devices=devices)
+
+  jax.tree.map(np.testing.assert_array_equal, _params(full), _params(resumed))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(full.ema_params),
+               jax.device_get(resumed.ema_params))
+  # metrics.jsonl: the steps redone after the crash replace the lost ones, no duplicates.
+  records = [json.loads(l) for l in open(os.path.join(part, "metrics.jsonl"))]
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == list(range(1, 21))
+  full_records = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+  for a, b in zip([r for r in records if "loss" in r], [r for r in full_records if "loss" in r]):
+    assert a["loss"] == b["loss"]
+
+
+def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
+  config8 = load_config("tiny", **{"mesh.shape": (4, 2)})
+  state8, _, _ = _run_steps(config8, jax.devices(), 2)
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "ck", async_save=False)
+  ckpts.save(2, state8)
+  ckpts.close()
+
+  config1 = load_config("tiny", **{"mesh.shape": (1, 1)})
+  mesh1 = sharding_lib.make_mesh(config1, jax.devices()[:1])
+  model, tx = train.make_model(config1), train.make_optimizer(config1)
+  abstract, shardings = train.state_shardings(model, tx, config1, mesh1)
+  step, restored = ckpt_lib.Checkpoints(tmp_path / "ck").restore(
+      ckpt_lib.abstract_with_shardings(abstract, shardings))
+  assert step == 2 and int(restored.step) == 2
+  leaf = restored.params["layer_0"]["attention"]["query"]["kernel"]
+  assert leaf.sharding.device_set == {jax.devices()[0]}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state8), jax.device_get(restored))
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+  config = load_config("tiny")
+  state, _, _ = _run_steps(config, jax.devices()[:1], 1)
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "ck", async_save=False)
+  ckpts.save(1, state)
+  ckpts.save(2, state.replace(step=state.step + 1))
+  ckpts.close()
+  for root, _, files in os.walk(tmp_path / "ck" / "2"):
+    for f in files:
+      if "manifest" in f or f.endswith(".ocdbt") or "d" == os.path.basename(root):
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  abstract, shardings = train.state_shardings(model, tx, config, mesh)
+  step, restored = ckpt_lib.Checkpoints(tmp_path / "ck").restore(
+      ckpt_lib.abstract_with_shardings(abstract, shardings))
+  assert step == 1 and int(restored.step) == 1
+  assert "unreadable" in caplog.text
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  config = load_config("tiny", **{"train.checkpoint_every": 3, "train.num_steps": 40})
+  real = train.load_splits
+
+  def poisoned(cfg):
+    tr, va = real(cfg)
+    features = tr.features.copy()
+    features[:] = np.nan
+    # NaN features from batch 7 on: the 8th update is the first non-finite one.
+    return _SwitchingSplit(tr, features, from_step=7, batch_size=cfg.train.batch_size), va
+
+  monkeypatch.setattr(train, "load_splits", poisoned)
+  with pytest.raises(train.TrainingDiverged, match="non-finite loss at step 8.*last good checkpoint is step 6"):
+    train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints")
+  assert ckpts.latest_step() == 6
+  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  abstract, shardings = train.state_shardings(model, tx, config, mesh)
+  _, restored = ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(restored.params)))
+
+
+class _SwitchingSplit(pipeline.CaptionSplit):
+  """A split whose features turn to NaN once batches past `from_step` are read."""
+
+  def __new__(cls, split, nan_features, from_step, batch_size):
+    self = super().__new__(cls, _Features(split.features, nan_features, from_step * batch_size),
+                           split.ids, split.image_index)
+    return self
+
+
+class _Features:
+  def __init__(self, good, bad, after_reads):
+    self.good, self.bad, self.rows_read, self.after = good, bad, 0, after_reads
+
+  def __getitem__(self, idx):
+    source = self.bad if self.rows_read >= self.after else self.good
+    self.rows_read += len(idx)
+    return source[idx]
+
+
+def test_validation_names_the_key():
+  cases = {
+      "diffusion.schedule": "cosinus",
+      "train.num_steps": -1,
+      "train.batch_size": 0,
+      "model.num_heads": 5,
+      "model.dtype": "float8",
+      "optim.lr_schedule": "exp",
+      "mesh.shape": (-1, -1),
+      "data.source": "s3://bucket",
+  }
+  for key, value in cases.items():
+    with pytest.raises(config_lib.ConfigError, match=f"^config.{key}:"):
+      config_lib.validate(load_config("tiny", **{key: value}))
+
+
+def test_batch_must_divide_data_axis():
+  config = load_config("tiny", **{"train.batch_size": 6, "mesh.shape": (4, 2)})
+  with pytest.raises(config_lib.ConfigError, match="^config.train.batch_size:.*data axis"):
+    sharding_lib.make_mesh(config)
+  with pytest.raises(config_lib.ConfigError, match="^config.mesh.shape:"):
+    sharding_lib.make_mesh(load_config("tiny", **{"mesh.shape": (3, 1)}))
+
+
+def test_config_json_round_trip():
+  config = load_config("paper_coco")
+  assert config_lib.from_json(config_lib.to_json(config)) == config
