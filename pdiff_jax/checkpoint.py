@@ -45,8 +45,13 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+  def save(self, step: int, state: Any, vocab=None) -> None:
+    """Saves asynchronously; `vocab` (a data.vocab.Vocab) is stored inside the checkpoint so a
+    model always decodes with its own words."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if vocab is not None:
+      items["vocab"] = ocp.args.JsonSave({"words": vocab.words, "min_count": vocab.min_count})
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
     """Restores `step` (default: the newest readable one) into the shardings of `abstract_state`.

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 USAGE = """usage: pdiff COMMAND [--flag=value ...]
 
 commands:
+  extract --config=CFG [--config.key=value ...]                  CLIP features + vocabulary of every split
   train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
   info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
 
@@ -46,6 +47,29 @@ def _cmd_train(fv: flags.FlagValues) -> int:
   return 0
 
 
+def _cmd_extract(fv: flags.FlagValues) -> int:
+  import jax
+  from pdiff_jax import clip as clip_lib, config as config_lib
+  from pdiff_jax.data import features
+  config = fv.config
+  config_lib.validate(config)
+  if config.data.source == "synthetic":
+    raise config_lib.ConfigError("data.source", "'synthetic' is generated in memory; there is "
+                                 "nothing to extract")
+  clip = clip_lib.Clip.load(config.clip.model)
+
+  def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(name)
+
+  manifest = features.extract(config, clip, process_index=jax.process_index(),
+                              process_count=jax.process_count(), barrier=barrier)
+  if jax.process_index() == 0:
+    print(json.dumps({"feature_dir": config.data.feature_dir, **manifest}, indent=1))
+  return 0
+
+
 def _cmd_info(fv: flags.FlagValues) -> int:
   import jax
   from pdiff_jax import clip, config as config_lib, model as model_lib, sharding, train
@@ -67,6 +91,7 @@ def _cmd_info(fv: flags.FlagValues) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[[flags.FlagValues], int]]] = {
+    "extract": (lambda fv: _config_flag(fv), _cmd_extract),
     "train": (_flags_train, _cmd_train),
     "info": (lambda fv: _config_flag(fv), _cmd_info),
 }
@@ -114,7 +139,10 @@ def main(argv: list[str]) -> int:
     return 0
 
   from pdiff_jax.checkpoint import CheckpointError
+  from pdiff_jax.clip import ClipLoadError
   from pdiff_jax.config import ConfigError
+  from pdiff_jax.data.features import FeatureStoreError
+  from pdiff_jax.data.sources import SourceError
   from pdiff_jax.train import TrainingDiverged
   try:
     fv = _parse(command, args)
@@ -122,7 +150,8 @@ def main(argv: list[str]) -> int:
   except (UsageError, ConfigError) as e:
     print(f"pdiff {command}: {e}", file=sys.stderr)
     return 2
-  except (CheckpointError, TrainingDiverged, FileNotFoundError, PermissionError) as e:
+  except (CheckpointError, TrainingDiverged, ClipLoadError, SourceError, FeatureStoreError,
+          FileNotFoundError, PermissionError) as e:
     print(f"pdiff {command}: {e}", file=sys.stderr)
     return 1
 

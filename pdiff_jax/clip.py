@@ -1,11 +1,160 @@
-"""The frozen CLIP encoder (transformers' FlaxCLIPModel): the only module that imports transformers."""
+"""The frozen CLIP encoder (transformers' FlaxCLIPModel): the only module that imports transformers.
+
+`Clip.load(name)` takes a hub name (`openai/clip-vit-large-patch14`) or a local directory made
+with `save_pretrained`, with Flax or only PyTorch weights (`from_pt`), plus its tokenizer and
+image processor. Image preprocessing is re-implemented with Pillow and numpy (so that it runs in
+loader threads on any decoded image) and is tested equal to `CLIPImageProcessor`. Embeddings are
+the projected, unnormalised CLIP embeddings; normalisation belongs to reranking and scoring.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from typing import Sequence
+
+os.environ.setdefault("USE_TF", "0")  # transformers: never import TensorFlow for CLIP
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+
+class ClipLoadError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+  """CLIPImageProcessor's steps: shortest side to `size` (bicubic), centre crop, rescale, normalise."""
+  size: int
+  crop_height: int
+  crop_width: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  resample: int = Image.BICUBIC
+
+  @classmethod
+  def from_processor(cls, processor) -> "ImageTransform":
+    size = processor.size
+    if "shortest_edge" not in size:
+      raise ClipLoadError(f"image processor size {size} is not a shortest-edge resize")
+    crop = processor.crop_size
+    return cls(int(size["shortest_edge"]), int(crop["height"]), int(crop["width"]),
+               tuple(float(m) for m in processor.image_mean),
+               tuple(float(s) for s in processor.image_std), int(processor.resample))
+
+  def __call__(self, image: Image.Image) -> np.ndarray:
+    """RGB PIL image -> float32 (3, crop_height, crop_width), as `pixel_values`."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = self.size, int(self.size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+      image = image.resize((new_w, new_h), resample=self.resample)
+    arr = np.asarray(image, dtype=np.uint8)
+    top, left = (new_h - self.crop_height) // 2, (new_w - self.crop_width) // 2
+    if top < 0 or left < 0:  # smaller than the crop: pad with zeros, as the processor does
+      padded = np.zeros((max(new_h, self.crop_height), max(new_w, self.crop_width), 3), np.uint8)
+      pt, pl = max(-top, 0), max(-left, 0)
+      padded[pt:pt + new_h, pl:pl + new_w] = arr
+      arr, top, left = padded, max(top, 0), max(left, 0)
+    arr = arr[top:top + self.crop_height, left:left + self.crop_width]
+    x = arr.astype(np.float32) * np.float32(1 / 255)
+    x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _has(path: str, names: Sequence[str]) -> bool:
+  return any(os.path.exists(os.path.join(path, n)) for n in names)
+
+
+class Clip:
+  """A loaded CLIP: parameters, tokenizer, image transform and jitted, sharded encoders."""
+
+  def __init__(self, name: str, model, params, tokenizer, transform: ImageTransform,
+               devices: Sequence[jax.Device] | None = None):
+    self.name, self.model, self.tokenizer, self.transform = name, model, tokenizer, transform
+    self.embed_dim = int(model.config.projection_dim)
+    self.max_text_len = int(model.config.text_config.max_position_embeddings)
+    # Encoders run on this process's devices: each process encodes its own images.
+    devices = list(jax.local_devices() if devices is None else devices)
+    self.mesh = Mesh(np.asarray(devices), ("data",))
+    self._batch = NamedSharding(self.mesh, P("data"))
+    replicated = NamedSharding(self.mesh, P())
+    self.params = jax.device_put(params, replicated)
+    self._images = jax.jit(lambda p, x: model.get_image_features(pixel_values=x, params=p),
+                           in_shardings=(replicated, self._batch), out_shardings=self._batch)
+    self._texts = jax.jit(
+        lambda p, ids, mask: model.get_text_features(input_ids=ids, attention_mask=mask, params=p),
+        in_shardings=(replicated, self._batch, self._batch), out_shardings=self._batch)
+
+  @classmethod
+  def load(cls, name: str, devices: Sequence[jax.Device] | None = None,
+           dtype=jnp.float32) -> "Clip":
+    from transformers import AutoTokenizer, CLIPImageProcessor, FlaxCLIPModel
+    local = os.path.isdir(name)
+    if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+      raise ClipLoadError(f"CLIP {name!r}: no such directory")
+    kwargs = {"local_files_only": True} if local else {}
+    try:
+      if local and not _has(name, ("flax_model.msgpack", "flax_model.msgpack.index.json")):
+        if not _has(name, ("pytorch_model.bin", "model.safetensors", "pytorch_model.bin.index.json",
+                           "model.safetensors.index.json")):
+          raise ClipLoadError(f"CLIP {name!r}: no Flax or PyTorch weights in the directory")
+        model = FlaxCLIPModel.from_pretrained(name, from_pt=True, dtype=dtype, **kwargs)
+      else:
+        try:
+          model = FlaxCLIPModel.from_pretrained(name, dtype=dtype, **kwargs)
+        except OSError as e:
+          if local or "flax_model.msgpack" not in str(e):
+            raise
+          model = FlaxCLIPModel.from_pretrained(name, from_pt=True, dtype=dtype)
+      tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+      processor = CLIPImageProcessor.from_pretrained(name, **kwargs)
+    except ClipLoadError:
+      raise
+    except (OSError, ValueError, ImportError) as e:
+      where = "directory" if local else "hub name (not in the local Hugging Face cache, and the hub is unreachable?)"
+      raise ClipLoadError(f"cannot load CLIP {name!r} as a {where}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return cls(name, model, model.params, tokenizer, ImageTransform.from_processor(processor),
+               devices)
+
+  @property
+  def num_params(self) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(self.params))
+
+  def _pad(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+    n, d = x.shape[0], self.mesh.devices.size
+    padded = -(-max(n, 1) // d) * d
+    if padded != n:
+      x = np.concatenate([x, np.zeros((padded - n,) + x.shape[1:], x.dtype)])
+    return x, n
+
+  def encode_images(self, pixels_BCHW: np.ndarray) -> np.ndarray:
+    """Projected image embeddings (B, E), float32, unnormalised."""
+    x, n = self._pad(np.asarray(pixels_BCHW, np.float32))
+    return np.asarray(self._images(self.params, jax.device_put(x, self._batch)))[:n]
+
+  def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+    return np.stack([self.transform(im) for im in images])
+
+  def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                         max_length=self.max_text_len, return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+  def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+    """Projected text embeddings (B, E), float32, unnormalised."""
+    ids, mask = self.tokenize(texts)
+    ids, n = self._pad(ids)
+    mask, _ = self._pad(mask)
+    out = self._texts(self.params, jax.device_put(ids, self._batch), jax.device_put(mask, self._batch))
+    return np.asarray(out)[:n]
 
 
 def load_clip_config(name: str):
@@ -24,3 +173,69 @@ def frozen_param_count(name: str) -> int | None:
   from transformers import FlaxCLIPModel
   model = FlaxCLIPModel(config, _do_init=False)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(model.params_shape_tree))
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def save_small_clip(directory: str | os.PathLike, *, words: Sequence[str] = (), image_size: int = 32,
+                    patch_size: int = 8, width: int = 64, layers: int = 2, heads: int = 4,
+                    projection_dim: int = 32, max_text_len: int = 32, seed: int = 0,
+                    params=None, pytorch: bool = False) -> str:
+  """Writes a small CLIP (random weights unless `params` are given) in the layout of a hub model.
+
+  The tokenizer is CLIP's byte-level BPE with merges that make each of `words` one token (other
+  text falls back to characters). Loaded with `Clip.load(directory)` exactly like
+  `openai/clip-vit-large-patch14`. `pytorch=True` writes PyTorch weights (the `from_pt` path).
+  """
+  import json
+  from transformers import CLIPConfig, CLIPImageProcessor, CLIPTokenizer, FlaxCLIPModel
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  chars = list(bytes_to_unicode().values())
+  vocab = chars + [c + "</w>" for c in chars]
+  merges = []
+  for word in dict.fromkeys(w.lower() for w in words if w):
+    symbols = [bytes_to_unicode()[b] for b in word.encode()]
+    if len(symbols) < 2:
+      continue
+    symbols[-1] += "</w>"
+    merged = symbols[0]
+    for s in symbols[1:]:
+      merges.append(f"{merged} {s}")
+      merged += s
+      if merged not in vocab:
+        vocab.append(merged)
+  merges = list(dict.fromkeys(merges))
+  vocab += ["<|startoftext|>", "<|endoftext|>"]
+  with open(os.path.join(directory, "vocab.json"), "w") as f:
+    json.dump({t: i for i, t in enumerate(vocab)}, f)
+  with open(os.path.join(directory, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+  tokenizer = CLIPTokenizer(os.path.join(directory, "vocab.json"),
+                            os.path.join(directory, "merges.txt"), model_max_length=max_text_len)
+  tokenizer.save_pretrained(directory)
+
+  config = CLIPConfig(
+      text_config=dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       max_position_embeddings=max_text_len, bos_token_id=len(vocab) - 2,
+                       eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
+      vision_config=dict(image_size=image_size, patch_size=patch_size, hidden_size=width,
+                         intermediate_size=4 * width, num_hidden_layers=layers,
+                         num_attention_heads=heads),
+      projection_dim=projection_dim)
+  if pytorch:
+    import torch
+    from transformers import CLIPModel
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(directory)
+  else:
+    model = FlaxCLIPModel(config, seed=seed)
+    model.save_pretrained(directory, params=params if params is not None else model.params)
+  CLIPImageProcessor(size={"shortest_edge": image_size},
+                     crop_size={"height": image_size, "width": image_size}).save_pretrained(directory)
+  return directory

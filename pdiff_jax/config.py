@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.clip = ml_collections.ConfigDict()
   c.clip.model = "openai/clip-vit-large-patch14"
+  c.clip.batch_size = 64  # images per CLIP forward pass during extraction
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "karpathy:data/coco/dataset_coco.json"
@@ -49,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_len = 24
   c.data.min_count = 2
   c.data.restval_in_train = True
+  c.data.tfds_data_dir = ""  # for tfds:NAME; empty = TFDS's default
+  c.data.feature_dtype = "float32"  # or float16, halves the store
+  c.data.shard_size = 1024  # images per extraction shard (the unit of resume)
+  c.data.max_image_pixels = 89_478_485  # larger images are refused, not decoded
   # Only for data.source == "synthetic": in-memory random features and captions.
   c.data.synthetic_num_images = 256
 
@@ -153,10 +158,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.sampler.steps >= 1, "sampler.steps", f"must be >= 1, got {config.sampler.steps}")
   _check(0.0 <= config.sampler.eta <= 1.0, "sampler.eta",
          f"must be in [0, 1], got {config.sampler.eta}")
+  for key in ("shard_size", "max_image_pixels", "min_count"):
+    _check(config.data[key] >= 1, f"data.{key}", f"must be >= 1, got {config.data[key]}")
+  _check(config.data.feature_dtype in ("float32", "float16"), "data.feature_dtype",
+         f"must be float32 or float16, got {config.data.feature_dtype!r}")
+  _check(config.clip.batch_size >= 1, "clip.batch_size", f"must be >= 1, got {config.clip.batch_size}")
   source = config.data.source
-  _check(source in ("synthetic", "shapes") or source.split(":", 1)[0] in ("karpathy", "tfds", "folder"),
-         "data.source", f"unknown source {source!r}; expected karpathy:PATH, tfds:NAME, folder:PATH, "
-         "shapes or synthetic")
+  kind, _, arg = source.partition(":")
+  _check(source == "synthetic" or (kind in ("karpathy", "tfds", "folder") and arg),
+         "data.source", f"unknown source {source!r}; expected karpathy:PATH, tfds:NAME, folder:PATH "
+         "or synthetic")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

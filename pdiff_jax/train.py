@@ -28,6 +28,7 @@ from pdiff_jax import checkpoint as ckpt_lib
 from pdiff_jax import config as config_lib
 from pdiff_jax import diffusion
 from pdiff_jax import sharding as sharding_lib
+from pdiff_jax.data import features as features_lib
 from pdiff_jax.data import pipeline
 from pdiff_jax.model import PrefixDenoiser, count_params
 
@@ -155,17 +156,35 @@ def jit_train_step(model, tx, config, mesh, shardings) -> Callable:
                  out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
 
 
-def load_splits(config) -> tuple[pipeline.CaptionSplit, pipeline.CaptionSplit | None]:
-  """(train, validation or None) for the configured source."""
+def load_splits(config):
+  """(train split, validation split or None, vocabulary or None) for the configured data.
+
+  Features come from the store `pdiff extract` wrote to `data.feature_dir`; the vocabulary
+  size is taken from it. `data.source=synthetic` gives in-memory random features instead
+  (smoke runs and benchmarks that need no data set).
+  """
   d, m = config.data, config.model
   if d.source == "synthetic":
     make = functools.partial(pipeline.synthetic_split, vocab_size=m.vocab_size,
                              max_len=d.max_len, feature_dim=m.feature_dim)
     return (make(d.synthetic_num_images, seed=config.seed),
-            make(max(d.synthetic_num_images // 8, 1), seed=config.seed + 1))
-  raise config_lib.ConfigError(
-      "data.source", f"{d.source!r}: training reads features written by `pdiff extract`, which "
-      "is not part of this version yet; use data.source=synthetic")
+            make(max(d.synthetic_num_images // 8, 1), seed=config.seed + 1), None)
+  try:
+    store = features_lib.FeatureStore(d.feature_dir)
+  except (features_lib.FeatureStoreError, ValueError) as e:
+    raise config_lib.ConfigError("data.feature_dir", str(e)) from None
+  manifest = store.manifest
+  if manifest["feature_dim"] != m.feature_dim:
+    raise config_lib.ConfigError(
+        "model.feature_dim", f"is {m.feature_dim}, but the features in {d.feature_dir} are "
+        f"{manifest['feature_dim']}-d ({manifest['clip_model']})")
+  if manifest["max_len"] != d.max_len:
+    raise config_lib.ConfigError(
+        "data.max_len", f"is {d.max_len}, but {d.feature_dir} holds captions of length "
+        f"{manifest['max_len']}; extract again or set data.max_len={manifest['max_len']}")
+  m.vocab_size = len(store.vocab)
+  val = store.split("val") if manifest["splits"].get("val", {}).get("captions") else None
+  return store.split("train"), val, store.vocab
 
 
 class _Stop:
@@ -236,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices=None) -> TrainState:
   """Trains to `config.train.num_steps`, resuming from the newest checkpoint in `workdir`."""
   config_lib.validate(config)
-  train_split, val_split = load_splits(config)
+  train_split, val_split, vocab = load_splits(config)
   mesh = sharding_lib.make_mesh(config, devices)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -299,23 +318,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         sums[k] = sums.get(k, 0.0) + float(v) / t.eval_batches
     metrics_log.write(step, sums, prefix="eval_")
 
-  pending = None
+  pending, t_start = None, time.perf_counter()
   try:
     with jax.set_mesh(mesh):
       for step in range(start, total):
         state, metrics = p_train_step(state, batch_at(train_split, step), step_key)
+        if step == start:  # keep compilation out of the steps/s figures
+          jax.block_until_ready(metrics)
+          log.info("first step (with compilation) took %.1f s", time.perf_counter() - t_start)
+          metrics_log.last_time = time.perf_counter()
         if pending is not None:  # fetched one step late so the host never waits on the device
           finish(*pending)
         done, pending = step + 1, (step + 1, metrics)
-        if done % t.checkpoint_every == 0 or done == total or stop.requested:
+        stopping = stop.requested  # read once: a signal arriving later is handled next step
+        if done % t.checkpoint_every == 0 or done == total or stopping:
           finish(*pending)
           pending = None
-          ckpts.save(done, state)
-        if done % t.eval_every == 0 or done == total:
-          evaluate(done)
-        if stop.requested:
+          ckpts.save(done, state, vocab)
+        if stopping:
           log.warning("stopped at step %d on request; checkpoint saved", done)
           break
+        if done % t.eval_every == 0 or done == total:
+          evaluate(done)
       if pending is not None:
         finish(*pending)
   finally:

@@ -7,6 +7,8 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instead of retrying
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
@@ -41,3 +43,53 @@ def run_pdiff(*args, timeout=600, env=None):
   full_env = dict(os.environ, **(env or {}))
   return subprocess.run([sys.executable, "-m", "pdiff_jax", *args], capture_output=True, text=True,
                         timeout=timeout, env=full_env, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+  """A tiny random CLIP saved like a hub model (Flax weights, tokenizer, image processor)."""
+  from pdiff_jax import clip
+  return clip.save_small_clip(tmp_path_factory.mktemp("clip"), words=["a", "red", "blue", "circle"])
+
+
+def write_image(path, size=(37, 23), mode="RGB", fmt=None, seed=0):
+  import numpy as np
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+  image = Image.fromarray(arr, "RGB")
+  if mode != "RGB":
+    image = image.convert(mode)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image.save(path, format=fmt)
+  return path
+
+
+def write_karpathy(root, splits=(("train", 6), ("val", 2), ("test", 2), ("restval", 2)),
+                   bad=()):
+  """A Karpathy-format data set: dataset_coco.json plus real PNG/JPEG files under root/images.
+  `bad` names images (by running index) to replace with a truncated file."""
+  import json
+  words = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right", "big"]
+  images, n = [], 0
+  for split, count in splits:
+    for _ in range(count):
+      folder = "train2014" if split == "train" else "val2014"
+      ext = "jpg" if n % 2 else "png"
+      filename = f"COCO_{n:06d}.{ext}"
+      path = os.path.join(root, "images", folder, filename)
+      write_image(path, size=(30 + 7 * n, 24 + 3 * n), seed=n)
+      if n in bad:
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 3])
+      sentences = []
+      for j in range(5):
+        toks = [words[(n + j + k) % len(words)] for k in range(3 + (n + j) % 4)]
+        sentences.append({"tokens": toks, "raw": " ".join(toks).capitalize() + "."})
+      images.append({"filepath": folder, "filename": filename, "imgid": n, "cocoid": 1000 + n,
+                     "split": split, "sentences": sentences})
+      n += 1
+  path = os.path.join(root, "dataset_coco.json")
+  with open(path, "w") as f:
+    json.dump({"images": images, "dataset": "coco"}, f)
+  return path

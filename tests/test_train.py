@@ -19,7 +19,7 @@ def _run_steps(config, devices, num_steps, batch_fn=None):
   model, tx = train.make_model(config), train.make_optimizer(config)
   state, _, shardings = train.create_state(model, tx, config, mesh, jax.random.key(config.seed))
   step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
-  split, _ = train.load_splits(config)
+  split, _, _ = train.load_splits(config)
   history = []
   with jax.set_mesh(mesh):
     for step in range(num_steps):
@@ -33,7 +33,7 @@ def _run_steps(config, devices, num_steps, batch_fn=None):
 def test_loss_drops_on_a_fixed_batch():
   config = load_config("tiny", **{"optim.lr_schedule": "constant", "model.dropout": 0.0,
                                   "model.attention_dropout": 0.0})
-  split, _ = train.load_splits(config)
+  split, _, _ = train.load_splits(config)
   fixed = pipeline.local_batch(split, 0, config.train.batch_size, config.seed)
   _, history, _ = _run_steps(config, jax.devices()[:1], 200, batch_fn=lambda step: fixed)
   first = np.mean([h["loss"] for h in history[:5]])
@@ -149,11 +149,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   real = train.load_splits
 
   def poisoned(cfg):
-    tr, va = real(cfg)
+    tr, va, vocab = real(cfg)
     features = tr.features.copy()
     features[:] = np.nan
     # NaN features from batch 7 on: the 8th update is the first non-finite one.
-    return _SwitchingSplit(tr, features, from_step=7, batch_size=cfg.train.batch_size), va
+    return _SwitchingSplit(tr, features, from_step=7, batch_size=cfg.train.batch_size), va, vocab
 
   monkeypatch.setattr(train, "load_splits", poisoned)
   with pytest.raises(train.TrainingDiverged, match="non-finite loss at step 8.*last good checkpoint is step 6"):

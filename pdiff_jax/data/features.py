@@ -1,0 +1,231 @@
+"""The feature store: `pdiff extract` writes it, training and evaluation read it.
+
+Layout of `data.feature_dir` (no pickle anywhere):
+  manifest.json               written last: its presence marks a complete store
+  vocab.json                  the word vocabulary (built from the train split)
+  skipped.json                images that could not be read, with the reason
+  {split}_features.npy        (num_images, F) unnormalised CLIP image embeddings
+  {split}_ids.npy             (num_captions, max_len) int32 token ids, PAD-padded
+  {split}_image_index.npy     (num_captions,) row of {split}_features for each caption
+  {split}_images.json         per image: image_id, image, reference captions
+  shards/                     per-shard CLIP features; each written atomically, reused by re-runs
+
+Extraction is split into shards of `data.shard_size` images; JAX process p does the shards
+with index = p (mod process count), skips shards already on disk, and process 0 merges.
+Every file is written to a temporary name and renamed, so a crash leaves finished files intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from pdiff_jax.data import images as images_lib
+from pdiff_jax.data import sources as sources_lib
+from pdiff_jax.data.pipeline import CaptionSplit
+from pdiff_jax.data.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class FeatureStoreError(RuntimeError):
+  pass
+
+
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, mode) as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+  _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n"), "w")
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+  _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _shard_path(feature_dir: str, split: str, index: int) -> str:
+  return os.path.join(feature_dir, "shards", f"{split}-{index:05d}.npz")
+
+
+def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
+            barrier: Callable[[str], None] = lambda name: None, progress: bool = True) -> dict | None:
+  """Runs (or finishes) the extraction that `config` describes.
+
+  Every process must call it (shared storage for `data.feature_dir`); process 0 merges and
+  returns the manifest, the others return None once the merge is done.
+  """
+  from tqdm import tqdm
+
+  d = config.data
+  out = d.feature_dir
+  source = sources_lib.open_source(d.source, d.image_root, d.restval_in_train, d.max_image_pixels,
+                                   d.get("tfds_data_dir", "") or None)
+  records = source.records()
+  if not records.get("train"):
+    raise sources_lib.SourceError(f"data.source={d.source!r} has no 'train' images")
+  os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+
+  # Shards depend on the CLIP, the source and the sharding; refuse to mix extractions.
+  plan = {"clip_model": clip.name, "source": d.source, "shard_size": int(d.shard_size),
+          "image_root": d.image_root, "restval_in_train": bool(d.restval_in_train),
+          "splits": {s: len(r) for s, r in sorted(records.items())}}
+  plan_path = os.path.join(out, "shards", "plan.json")
+  if os.path.exists(plan_path):
+    with open(plan_path) as f:
+      if json.load(f) != plan:
+        raise FeatureStoreError(
+            f"{out}: holds shards of a different extraction (see {plan_path}); remove the "
+            "directory or set data.feature_dir elsewhere")
+  elif process_index == 0:
+    _write_json(plan_path, plan)
+
+  todo = []
+  for split, recs in sorted(records.items()):
+    for i in range(math.ceil(len(recs) / d.shard_size)):
+      if i % process_count == process_index and not os.path.exists(_shard_path(out, split, i)):
+        todo.append((split, i))
+  total = sum(min(d.shard_size, len(records[s]) - i * d.shard_size) for s, i in todo)
+  bar = tqdm(total=total, unit="img", desc=f"extract (process {process_index})",
+             disable=not progress, dynamic_ncols=True)
+  for split, i in todo:
+    start, stop = i * d.shard_size, min((i + 1) * d.shard_size, len(records[split]))
+    _extract_shard(out, split, i, source.images(split, start, stop), stop - start, clip,
+                   int(config.clip.batch_size), bar)
+  bar.close()
+  barrier("pdiff_extract_shards_done")
+  manifest = _merge(config, records, clip) if process_index == 0 else None
+  barrier("pdiff_extract_merged")
+  return manifest
+
+
+def _extract_shard(out, split, index, images, count, clip, batch_size, bar) -> None:
+  features, ok, reasons = [], np.zeros(count, bool), {}
+  batch, positions = [], []
+
+  def flush():
+    if batch:
+      features.append(clip.encode_images(np.stack(batch)))
+      batch.clear()
+
+  for pos, image in enumerate(images):
+    if isinstance(image, images_lib.BadImage):
+      reasons[pos] = str(image)
+    else:
+      batch.append(clip.transform(image))
+      ok[pos] = True
+      if len(batch) == batch_size:
+        flush()
+    bar.update(1)
+  flush()
+  feats = (np.concatenate(features) if features
+           else np.zeros((0, clip.embed_dim), np.float32)).astype(np.float32)
+  skipped = np.array([f"{p}\t{r}" for p, r in sorted(reasons.items())], dtype=np.str_)
+  _atomic_write(_shard_path(out, split, index),
+                lambda f: np.savez(f, features=feats, ok=ok, skipped=skipped))
+
+
+def _merge(config, records, clip) -> dict:
+  """Joins the shards into the per-split arrays; idempotent (same inputs, same bytes)."""
+  d = config.data
+  out = d.feature_dir
+  vocab = Vocab.build((t for r in records["train"] for t in r.tokens), int(d.min_count))
+  vocab.save(os.path.join(out, "vocab.json"))
+  dtype = FEATURE_DTYPES[d.feature_dtype]
+  skipped_all, splits = [], {}
+  for split, recs in sorted(records.items()):
+    feats, ok = [], []
+    for i in range(math.ceil(len(recs) / d.shard_size)):
+      path = _shard_path(out, split, i)
+      try:
+        with np.load(path, allow_pickle=False) as shard:
+          feats.append(shard["features"])
+          ok.append(shard["ok"])
+          for line in shard["skipped"]:
+            pos, reason = str(line).split("\t", 1)
+            rec = recs[i * d.shard_size + int(pos)]
+            skipped_all.append({"split": split, "image": rec.image, "image_id": rec.image_id,
+                                "reason": reason})
+      except (OSError, ValueError, KeyError) as e:
+        raise FeatureStoreError(f"{path}: unreadable shard ({e}); delete it and run extract again") from None
+    ok_mask = np.concatenate(ok)
+    kept = [r for r, good in zip(recs, ok_mask) if good]
+    features = np.concatenate(feats).astype(dtype)
+    ids = np.stack([vocab.encode(t, d.max_len) for r in kept for t in r.tokens]) if kept else \
+        np.zeros((0, d.max_len), np.int32)
+    image_index = np.repeat(np.arange(len(kept), dtype=np.int32),
+                            [len(r.tokens) for r in kept]).astype(np.int32)
+    _write_npy(os.path.join(out, f"{split}_features.npy"), features)
+    _write_npy(os.path.join(out, f"{split}_ids.npy"), ids.astype(np.int32))
+    _write_npy(os.path.join(out, f"{split}_image_index.npy"), image_index)
+    _write_json(os.path.join(out, f"{split}_images.json"),
+                [{"image_id": r.image_id, "image": r.image, "captions": list(r.captions)} for r in kept])
+    splits[split] = {"images": len(kept), "captions": int(ids.shape[0]),
+                     "skipped": int(len(recs) - len(kept))}
+  _write_json(os.path.join(out, "skipped.json"), skipped_all)
+  manifest = {
+      "format_version": FORMAT_VERSION, "clip_model": clip.name, "feature_dim": int(clip.embed_dim),
+      "feature_dtype": d.feature_dtype, "max_len": int(d.max_len), "min_count": int(d.min_count),
+      "vocab_size": len(vocab), "vocab_hash": vocab.hash, "source": d.source, "splits": splits,
+  }
+  _write_json(os.path.join(out, "manifest.json"), manifest)
+  n_skipped = len(skipped_all)
+  log.info("feature store %s: %s; %d image(s) skipped%s", out,
+           ", ".join(f"{s} {v['images']} images / {v['captions']} captions" for s, v in splits.items()),
+           n_skipped, f" (listed in {os.path.join(out, 'skipped.json')})" if n_skipped else "")
+  return manifest
+
+
+def load_manifest(feature_dir: str) -> dict:
+  path = os.path.join(feature_dir, "manifest.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FeatureStoreError(f"{feature_dir}: no manifest.json; run `pdiff extract` with this "
+                            "config first (or it did not finish)") from None
+  except (OSError, ValueError) as e:
+    raise FeatureStoreError(f"{path}: unreadable ({e})") from None
+
+
+class FeatureStore:
+  """Read side: the manifest, the vocabulary and memory-mapped splits."""
+
+  def __init__(self, feature_dir: str):
+    self.dir = feature_dir
+    self.manifest = load_manifest(feature_dir)
+    self.vocab = Vocab.load(os.path.join(feature_dir, "vocab.json"))
+    if self.vocab.hash != self.manifest["vocab_hash"]:
+      raise FeatureStoreError(f"{feature_dir}: vocab.json does not match manifest.json")
+
+  @property
+  def splits(self) -> list[str]:
+    return sorted(self.manifest["splits"])
+
+  def split(self, name: str) -> CaptionSplit:
+    if name not in self.manifest["splits"]:
+      raise FeatureStoreError(f"{self.dir}: no split {name!r} (has {', '.join(self.splits)})")
+    path = lambda kind: os.path.join(self.dir, f"{name}_{kind}.npy")
+    try:
+      return CaptionSplit(np.load(path("features"), mmap_mode="r"), np.load(path("ids"), mmap_mode="r"),
+                          np.load(path("image_index"), mmap_mode="r"))
+    except (OSError, ValueError) as e:
+      raise FeatureStoreError(f"{self.dir}: split {name!r} is unreadable ({e})") from None
+
+  def images(self, name: str) -> list[dict]:
+    with open(os.path.join(self.dir, f"{name}_images.json")) as f:
+      return json.load(f)
+

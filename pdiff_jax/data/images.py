@@ -1,0 +1,72 @@
+"""Reading image files into RGB PIL images, robustly.
+
+Grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit and EXIF-rotated images are
+converted; missing, empty, truncated, non-image and over-large files raise `BadImage` with a
+reason. Sizes are checked from the header before any pixel is decoded (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold (~ 9459 x 9459)
+
+
+class BadImage(Exception):
+  """An image that cannot be used; str() is the reason, for skipped.json and stderr."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL mode -> 8-bit RGB; transparency composited on white, EXIF orientation applied."""
+  image = ImageOps.exif_transpose(image)
+  if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    arr = np.asarray(image, dtype=np.float64)
+    peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+    image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+  elif image.mode == "F":
+    arr = np.asarray(image, dtype=np.float64)
+    image = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+  if image.mode == "P":
+    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+  if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(background, rgba)
+  return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_image(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+  """Opens, checks and decodes an image file (path or binary file object) to RGB, or raises
+  BadImage with the reason."""
+  if isinstance(path, (str, os.PathLike)):
+    try:
+      size = os.path.getsize(path)
+    except OSError:
+      raise BadImage("missing file") from None
+  else:
+    size = path.seek(0, os.SEEK_END)
+    path.seek(0)
+  if size == 0:
+    raise BadImage("empty file")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      with Image.open(path) as image:
+        w, h = image.size
+        if w * h > max_pixels:
+          raise BadImage(f"{w}x{h} pixels exceed the limit of {max_pixels}")
+        image.load()
+        return to_rgb(image)
+  except BadImage:
+    raise
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise BadImage(f"refused as a decompression bomb ({e})") from None
+  except Image.UnidentifiedImageError:
+    raise BadImage("not an image file") from None
+  except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+    raise BadImage(f"unreadable image data ({e})") from None

@@ -1,0 +1,87 @@
+"""CLIP loading (Flax and PyTorch weights, by path), preprocessing and sharded encoders."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from pdiff_jax import clip as clip_lib
+from pdiff_jax.data.images import load_image
+
+
+@pytest.fixture(scope="module")
+def clip(clip_dir):
+  return clip_lib.Clip.load(clip_dir)
+
+
+@pytest.mark.parametrize("size", [(37, 23), (23, 37), (401, 299), (32, 32), (20, 31), (640, 480)])
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_preprocessing_equals_clip_image_processor(tmp_path, size, fmt):
+  from transformers import CLIPImageProcessor
+  path = write_image(str(tmp_path / f"x.{fmt}"), size=size, seed=size[0])
+  image = load_image(path)
+  for proc in (CLIPImageProcessor(),  # ViT-L/14's: 224 shortest edge, 224 crop
+               CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})):
+    ours = clip_lib.ImageTransform.from_processor(proc)(image)
+    theirs = proc(images=image, return_tensors="np")["pixel_values"][0]
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_load_by_path_and_encode(clip, clip_dir):
+  assert clip.name == clip_dir and clip.embed_dim == 32
+  images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 50, 3), np.uint8))
+            for i in range(3)]
+  emb = clip.encode_images(clip.preprocess(images))
+  assert emb.shape == (3, 32) and emb.dtype == np.float32
+  assert not np.allclose(emb[0], emb[1])
+  # Projected, unnormalised: equal to transformers' own get_image_features.
+  ref = clip.model.get_image_features(pixel_values=clip.preprocess(images), params=clip.params)
+  np.testing.assert_allclose(emb, np.asarray(ref), rtol=1e-5, atol=1e-5)
+  texts = clip.encode_texts(["a red circle", "a blue circle", "zebra"])
+  assert texts.shape == (3, 32)
+  np.testing.assert_allclose(np.linalg.norm(clip_lib.normalize(texts), axis=-1), 1.0, rtol=1e-6)
+
+
+def test_sharded_encoding_equals_one_device(clip_dir, clip):
+  assert len(clip.mesh.devices.flat) == 8  # all local (fake) devices
+  one = clip_lib.Clip.load(clip_dir, devices=jax.devices()[:1])
+  pixels = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)  # 5: padded to 8
+  np.testing.assert_allclose(clip.encode_images(pixels), one.encode_images(pixels), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(clip.encode_texts(["a", "red"]), one.encode_texts(["a", "red"]),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_pytorch_weights_load_with_from_pt(tmp_path):
+  torch = pytest.importorskip("torch")
+  from transformers import CLIPModel
+  d = clip_lib.save_small_clip(tmp_path / "pt", pytorch=True, seed=3)
+  assert not os.path.exists(os.path.join(d, "flax_model.msgpack"))
+  flax_clip = clip_lib.Clip.load(d)
+  torch_model = CLIPModel.from_pretrained(d).eval()
+  pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+  with torch.no_grad():
+    ref = torch_model.get_image_features(pixel_values=torch.from_numpy(pixels)).numpy()
+  np.testing.assert_allclose(flax_clip.encode_images(pixels), ref, rtol=1e-4, atol=1e-4)
+  ids, mask = flax_clip.tokenize(["a red circle"])
+  with torch.no_grad():
+    ref_t = torch_model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                                          attention_mask=torch.from_numpy(mask.astype(np.int64))).numpy()
+  np.testing.assert_allclose(flax_clip.encode_texts(["a red circle"]), ref_t, rtol=1e-4, atol=1e-4)
+
+
+def test_load_errors_are_one_line(tmp_path):
+  with pytest.raises(clip_lib.ClipLoadError, match="no such directory"):
+    clip_lib.Clip.load(str(tmp_path / "nope" / "clip"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(clip_lib.ClipLoadError, match="no Flax or PyTorch weights"):
+    clip_lib.Clip.load(str(tmp_path / "empty"))
+  with pytest.raises(clip_lib.ClipLoadError, match="cannot load CLIP 'openai/clip-vit-nonexistent'"):
+    clip_lib.Clip.load("openai/clip-vit-nonexistent")
+
+
+def test_frozen_param_count(clip_dir, clip):
+  assert clip_lib.frozen_param_count(clip_dir) == clip.num_params
