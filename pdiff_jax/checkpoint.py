@@ -82,3 +82,32 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def restore_subtree(directory: str, abstract: dict, step: int | None = None) -> tuple[int, Any, Any]:
+  """Restores only the named top-level entries of the saved state (e.g. `ema_params`, without
+  the optimizer state) and the vocabulary saved beside it (None if absent)."""
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: no checkpoints (train first, or check --workdir)")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise CheckpointError(f"{directory}: no checkpoint saved yet")
+    if step is not None and step not in steps:
+      raise CheckpointError(f"{directory}: no checkpoint at step {step} (have {steps})")
+    step = steps[-1] if step is None else step
+    args = {"state": ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)}
+    has_vocab = os.path.isdir(os.path.join(directory, str(step), "vocab"))
+    if has_vocab:
+      args["vocab"] = ocp.args.JsonRestore()
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # orbax raises many types for unreadable data
+      raise CheckpointError(f"{directory}/{step}: unreadable checkpoint "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return step, restored["state"], restored["vocab"] if has_vocab else None
+  finally:
+    manager.close()

@@ -19,6 +19,7 @@ USAGE = """usage: pdiff COMMAND [--flag=value ...]
 commands:
   extract --config=CFG [--config.key=value ...]                  CLIP features + vocabulary of every split
   train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
+  caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--json] IMAGE...
   info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
 
 `pdiff COMMAND --help` lists a command's flags."""
@@ -70,6 +71,44 @@ def _cmd_extract(fv: flags.FlagValues) -> int:
   return 0
 
 
+def _flags_caption(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).",
+                      flag_values=fv, required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).", flag_values=fv)
+  flags.DEFINE_integer("num_candidates", None, "Candidates per image (default: sampler.num_candidates).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("steps", None, "Denoising steps (default: sampler.steps).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same captions.", flag_values=fv)
+  flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default: sampler.eta).", lower_bound=0.0,
+                     upper_bound=1.0, flag_values=fv)
+  flags.DEFINE_boolean("json", False, "Print every candidate with its CLIP score, as JSON.",
+                       flag_values=fv)
+
+
+def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:
+  from pdiff_jax.data.images import BadImage, load_image
+  from pdiff_jax.inference import Captioner
+  if not images:
+    raise UsageError("name at least one image file")
+  captioner = Captioner.from_workdir(fv.workdir, step=fv.step)
+  readable, failed = [], 0
+  for path in images:
+    try:
+      readable.append((path, load_image(path)))
+    except BadImage as e:
+      print(f"pdiff caption: {path}: {e}", file=sys.stderr)
+      failed += 1
+  results = captioner.caption([im for _, im in readable], num_candidates=fv.num_candidates,
+                              steps=fv.steps, seed=fv.seed, eta=fv.eta) if readable else []
+  if fv.json:
+    print(json.dumps([{"image": path, **r} for (path, _), r in zip(readable, results)], indent=1))
+  else:
+    for (path, _), r in zip(readable, results):
+      print(f"{path}\t{r['caption']}")
+  return 1 if failed else 0
+
+
 def _cmd_info(fv: flags.FlagValues) -> int:
   import jax
   from pdiff_jax import clip, config as config_lib, model as model_lib, sharding, train
@@ -90,14 +129,18 @@ def _cmd_info(fv: flags.FlagValues) -> int:
   return 0
 
 
-COMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[[flags.FlagValues], int]]] = {
+COMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[..., int]]] = {
     "extract": (lambda fv: _config_flag(fv), _cmd_extract),
     "train": (_flags_train, _cmd_train),
+    "caption": (_flags_caption, _cmd_caption),
     "info": (lambda fv: _config_flag(fv), _cmd_info),
 }
 
 
-def _parse(command: str, argv: list[str]) -> flags.FlagValues:
+POSITIONAL = {"caption"}  # commands that take file names after the flags
+
+
+def _parse(command: str, argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
   define, _ = COMMANDS[command]
   fv = flags.FlagValues()
   define(fv)
@@ -111,8 +154,9 @@ def _parse(command: str, argv: list[str]) -> flags.FlagValues:
     overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
     raise UsageError(f"unknown config key {str(e).strip(chr(34))} in {', '.join(overrides)}; "
                      "overrides can only set keys the config file defines") from None
-  if len(rest) > 1:
+  if len(rest) > 1 and command not in POSITIONAL:
     raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
+
   if "config" in fv:
     try:
       fv.config.keys  # config_flags reports a bad file only on first use
@@ -120,7 +164,7 @@ def _parse(command: str, argv: list[str]) -> flags.FlagValues:
       lines = [l.strip() for l in str(e).splitlines() if l.strip()]
       raise UsageError(f"--config={fv['config'].config_filename}: cannot load it "
                        f"({lines[-1]})") from None
-  return fv
+  return fv, rest[1:]
 
 
 def main(argv: list[str]) -> int:
@@ -145,7 +189,9 @@ def main(argv: list[str]) -> int:
   from pdiff_jax.data.sources import SourceError
   from pdiff_jax.train import TrainingDiverged
   try:
-    fv = _parse(command, args)
+    fv, positional = _parse(command, args)
+    if command in POSITIONAL:
+      return COMMANDS[command][1](fv, positional)
     return COMMANDS[command][1](fv)
   except (UsageError, ConfigError) as e:
     print(f"pdiff {command}: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pdiff_jax import diffusion
+from pdiff_jax import sampler as sampler_lib
 from pdiff_jax.model import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -103,7 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_candidates = 20
   c.sampler.steps = 200
-  c.sampler.eta = 1.0
+  c.sampler.eta = 1.0  # DDIM eta: 1 = ancestral (the original), 0 = deterministic
+  c.sampler.mode = "rediscretise"  # the original's fresh T_sample schedule; or "respace"
+  c.sampler.clamp = True  # replace x0_hat by the nearest word embedding at every step
+  c.sampler.batch_size = 8  # images per sampling call (each with num_candidates chains)
+  c.sampler.rerank_clip = ""  # CLIP for reranking; empty = clip.model
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)  # (data, model); -1 takes all remaining devices
@@ -163,6 +168,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.data.feature_dtype in ("float32", "float16"), "data.feature_dtype",
          f"must be float32 or float16, got {config.data.feature_dtype!r}")
   _check(config.clip.batch_size >= 1, "clip.batch_size", f"must be >= 1, got {config.clip.batch_size}")
+  _check(config.sampler.mode in sampler_lib.MODES, "sampler.mode",
+         f"unknown mode {config.sampler.mode!r}; expected one of {', '.join(sampler_lib.MODES)}")
+  _check(config.sampler.batch_size >= 1, "sampler.batch_size",
+         f"must be >= 1, got {config.sampler.batch_size}")
+  _check(config.sampler.mode != "respace" or config.sampler.steps <= d.num_steps, "sampler.steps",
+         f"respace keeps a subset of the {d.num_steps} training steps; got {config.sampler.steps}")
   source = config.data.source
   kind, _, arg = source.partition(":")
   _check(source == "synthetic" or (kind in ("karpathy", "tfds", "folder") and arg),

@@ -93,3 +93,22 @@ def write_karpathy(root, splits=(("train", 6), ("val", 2), ("test", 2), ("restva
   with open(path, "w") as f:
     json.dump({"images": images, "dataset": "coco"}, f)
   return path
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, clip_dir):
+  """configs/tiny.py trained for 100 steps on features of a small Karpathy-format set."""
+  import jax
+  from pdiff_jax import clip as clip_lib, train
+  from pdiff_jax.data import features
+  root = str(tmp_path_factory.mktemp("trained"))
+  path = write_karpathy(os.path.join(root, "data"), splits=(("train", 12), ("val", 2), ("test", 3)))
+  config = load_config("tiny", **{
+      "data.source": f"karpathy:{path}", "data.image_root": os.path.join(root, "data", "images"),
+      "data.feature_dir": os.path.join(root, "features"), "data.min_count": 1,
+      "clip.model": clip_dir, "model.feature_dim": 32, "train.num_steps": 100,
+      "train.checkpoint_every": 50, "train.eval_every": 1000, "optim.ema_decay": 0.9})
+  features.extract(config, clip_lib.Clip.load(clip_dir), progress=False)
+  workdir = os.path.join(root, "workdir")
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return workdir, os.path.join(root, "data")

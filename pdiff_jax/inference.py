@@ -1,0 +1,187 @@
+"""Captioning with a trained model: the inference bundle and `Captioner`.
+
+`Captioner.from_workdir(DIR)` loads the EMA weights, the resolved config and the vocabulary
+saved with the checkpoint, and the CLIP that made the training features. `caption(images)`
+encodes the images, samples n candidates per image in parallel (sharded over the local
+devices), decodes them and reranks them by CLIP image-text cosine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from pdiff_jax import checkpoint as ckpt_lib
+from pdiff_jax import clip as clip_lib
+from pdiff_jax import config as config_lib
+from pdiff_jax import sampler as sampler_lib
+from pdiff_jax.data import images as images_lib
+from pdiff_jax.data.vocab import Vocab
+from pdiff_jax.model import PrefixDenoiser
+
+
+@dataclasses.dataclass
+class Bundle:
+  """What inference needs from a training workdir: no optimizer state."""
+  config: ml_collections.ConfigDict
+  model: PrefixDenoiser
+  params: Any  # {"params": EMA weights}
+  vocab: Vocab
+  step: int
+
+
+def load_bundle(workdir: str, step: int | None = None,
+                devices: Sequence[jax.Device] | None = None) -> Bundle:
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      config = config_lib.from_json(f.read())
+  except FileNotFoundError:
+    raise ckpt_lib.CheckpointError(f"{workdir}: not a training workdir (no config.json)") from None
+  model = PrefixDenoiser(config_lib.model_config(config))
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *_dummy(config)))["params"]
+  replicated = NamedSharding(Mesh(np.asarray(devices or jax.local_devices()), ("data",)), P())
+  abstract = {"ema_params": jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)}
+  step, state, vocab_json = ckpt_lib.restore_subtree(os.path.join(workdir, "checkpoints"),
+                                                     abstract, step)
+  if vocab_json is None:
+    raise ckpt_lib.CheckpointError(
+        f"{workdir}/checkpoints/{step}: no vocabulary saved with the checkpoint (trained on "
+        "data.source=synthetic?), so its word ids cannot be decoded")
+  vocab = Vocab(vocab_json["words"], vocab_json.get("min_count", 2))
+  rows = state["ema_params"]["word_embedding"].shape[0]
+  if rows != len(vocab):
+    raise ckpt_lib.CheckpointError(f"{workdir}/checkpoints/{step}: the vocabulary has {len(vocab)} "
+                                   f"words but the model's embedding table {rows} rows")
+  return Bundle(config, model, {"params": state["ema_params"]}, vocab, step)
+
+
+def _dummy(config):
+  m = config.model
+  return (jnp.zeros((1, config.data.max_len, m.word_dim)), jnp.zeros((1,)),
+          jnp.zeros((1, m.feature_dim)))
+
+
+def to_image(image) -> Image.Image:
+  """A path, PIL image or HxWx3 uint8 array -> RGB PIL image (raises BadImage)."""
+  if isinstance(image, (str, os.PathLike)):
+    return images_lib.load_image(image)
+  if isinstance(image, Image.Image):
+    return images_lib.to_rgb(image)
+  arr = np.asarray(image)
+  if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+    raise images_lib.BadImage(f"expected an HxW or HxWxC uint8 array, got {arr.dtype} {arr.shape}")
+  return images_lib.to_rgb(Image.fromarray(arr))
+
+
+class Captioner:
+  """Diverse captions for images: n candidates per image, reranked by CLIP."""
+
+  def __init__(self, bundle: Bundle, clip: clip_lib.Clip, rerank_clip: clip_lib.Clip | None = None):
+    feature_dim = bundle.config.model.feature_dim
+    if clip.embed_dim != feature_dim:
+      raise clip_lib.ClipLoadError(
+          f"CLIP {clip.name!r} gives {clip.embed_dim}-d embeddings, but the model in this workdir "
+          f"was trained on {feature_dim}-d features ({bundle.config.clip.model})")
+    self.bundle, self.clip = bundle, clip
+    self.rerank_clip = rerank_clip or clip
+    self.mesh = clip.mesh
+    self.params = jax.device_put(bundle.params, NamedSharding(self.mesh, P()))
+    self._samplers: dict[tuple, Any] = {}
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None, clip: str | None = None,
+                   rerank_clip: str | None = None,
+                   devices: Sequence[jax.Device] | None = None) -> "Captioner":
+    bundle = load_bundle(workdir, step, devices)
+    name = clip or bundle.config.clip.model
+    encoder = clip_lib.Clip.load(name, devices)
+    rerank = rerank_clip or bundle.config.sampler.get("rerank_clip", "") or name
+    return cls(bundle, encoder, encoder if rerank == name else clip_lib.Clip.load(rerank, devices))
+
+  # -- the pure pieces, for people composing their own loops --------------------------------
+
+  def sample_fn(self, steps: int, eta: float, mode: str | None = None, clamp: bool | None = None):
+    """A jitted `f(params, features_BF, keys_BN) -> token ids (B, N, L)`, batch sharded on data."""
+    s = self.bundle.config.sampler
+    mode = mode or s.mode
+    clamp = s.clamp if clamp is None else clamp
+    key = (steps, float(eta), mode, bool(clamp))
+    if key not in self._samplers:
+      d = self.bundle.config.diffusion
+      sched = sampler_lib.make_sampling_schedule(d.schedule, d.num_steps, steps, mode)
+      batch = NamedSharding(self.mesh, P("data"))
+      fn = functools.partial(sampler_lib.sample_tokens, self.bundle.model, sched=sched,
+                             eta=float(eta), clamp=bool(clamp))
+      self._samplers[key] = jax.jit(lambda p, f, k: fn(p, f, k),
+                                    in_shardings=(NamedSharding(self.mesh, P()), batch, batch),
+                                    out_shardings=batch)
+    return self._samplers[key]
+
+  def rerank(self, image_emb_BF: np.ndarray, captions: Sequence[Sequence[str]]) -> np.ndarray:
+    """Cosine (B, N) between each image and each of its candidate captions (rerank CLIP)."""
+    flat = [c for cands in captions for c in cands]
+    text = clip_lib.normalize(self.rerank_clip.encode_texts(flat)).reshape(len(captions), -1, self.rerank_clip.embed_dim)
+    image = clip_lib.normalize(np.asarray(image_emb_BF, np.float32))
+    return np.einsum("bne,be->bn", text, image)
+
+  def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+    return self.clip.encode_images(self.clip.preprocess(images))
+
+  # -- the whole thing ---------------------------------------------------------------------
+
+  def caption(self, images: Sequence[Any], num_candidates: int | None = None,
+              steps: int | None = None, seed: int = 0, eta: float | None = None,
+              batch_size: int | None = None) -> list[dict]:
+    """[{"caption": best, "candidates": [{"caption", "score"}, ...] best first}, ...] per image.
+
+    Images are paths, PIL images or uint8 arrays. Results depend only on (seed, position of the
+    image in `images`, candidate index), not on batching. With n = 1 no reranking is done and
+    the score is None.
+    """
+    s = self.bundle.config.sampler
+    n = int(num_candidates or s.num_candidates)
+    steps = int(steps or s.steps)
+    eta = s.eta if eta is None else eta
+    batch_size = int(batch_size or s.batch_size)
+    pil = [to_image(im) for im in images]
+    results = []
+    for start in range(0, len(pil), batch_size):
+      chunk = pil[start:start + batch_size]
+      feats = self.features(chunk)
+      tokens = self.sample_tokens(feats, n, steps, seed, eta, offsets=np.arange(start, start + len(chunk)))
+      captions = [[self.bundle.vocab.decode(t) for t in cands] for cands in tokens]
+      if n > 1:
+        emb = feats if self.rerank_clip is self.clip else self.rerank_clip.encode_images(
+            self.rerank_clip.preprocess(chunk))
+        scores = self.rerank(emb, captions)
+      else:
+        scores = np.full((len(chunk), 1), np.nan)
+      for cands, sc in zip(captions, scores):
+        order = np.argsort(-sc, kind="stable") if n > 1 else [0]
+        ranked = [{"caption": cands[j], "score": None if n == 1 else float(sc[j])} for j in order]
+        results.append({"caption": ranked[0]["caption"], "candidates": ranked})
+    return results
+
+  def sample_tokens(self, features_BF: np.ndarray, num_candidates: int, steps: int, seed: int,
+                    eta: float, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Token ids (B, N, L) for B feature vectors; the batch is padded to fill the devices."""
+    B = features_BF.shape[0]
+    offsets = np.arange(B) if offsets is None else np.asarray(offsets)
+    pad = -B % self.mesh.devices.size
+    feats = np.concatenate([features_BF, np.zeros((pad,) + features_BF.shape[1:], features_BF.dtype)])
+    offsets = np.concatenate([offsets, np.full(pad, -1)])
+    keys = sampler_lib.candidate_keys(seed, jnp.asarray(offsets, jnp.uint32), num_candidates)
+    out = self.sample_fn(steps, eta)(self.params, jnp.asarray(feats, jnp.float32), keys)
+    return np.asarray(out)[:B]

@@ -1,0 +1,114 @@
+"""Captioner and `pdiff caption` on a model trained by configs/tiny.py."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_pdiff, write_image
+from pdiff_jax import clip as clip_lib
+from pdiff_jax.checkpoint import CheckpointError
+from pdiff_jax.inference import Captioner, load_bundle
+
+
+@pytest.fixture(scope="module")
+def captioner(trained_workdir):
+  return Captioner.from_workdir(trained_workdir[0])
+
+
+@pytest.fixture(scope="module")
+def image_paths(trained_workdir):
+  root = os.path.join(trained_workdir[1], "images")
+  return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)[:3]
+
+
+def test_bundle_has_ema_params_vocab_and_no_optimizer(trained_workdir):
+  bundle = load_bundle(trained_workdir[0])
+  assert bundle.step == 100 and set(bundle.params) == {"params"}
+  assert bundle.params["params"]["word_embedding"].shape[0] == len(bundle.vocab)
+  older = load_bundle(trained_workdir[0], step=50)
+  assert older.step == 50
+  assert not np.array_equal(np.asarray(older.params["params"]["head_bias"]),
+                            np.asarray(bundle.params["params"]["head_bias"]))
+
+
+def test_caption_structure_reproducibility_and_diversity(captioner, image_paths):
+  images = [image_paths[0], Image.open(image_paths[1]), np.asarray(Image.open(image_paths[2]).convert("RGB"))]
+  out = captioner.caption(images, num_candidates=5, steps=10, seed=1)
+  assert len(out) == 3
+  for r in out:
+    scores = [c["score"] for c in r["candidates"]]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+    assert r["caption"] == r["candidates"][0]["caption"]
+    for c in r["candidates"]:
+      assert "<pad>" not in c["caption"].split()
+  assert captioner.caption(images, num_candidates=5, steps=10, seed=1) == out
+  other = captioner.caption(images, num_candidates=5, steps=10, seed=2)
+  assert [c["caption"] for c in other[0]["candidates"]] != [c["caption"] for c in out[0]["candidates"]]
+  assert len({c["caption"] for r in out for c in r["candidates"]}) > 1  # diverse candidates
+  # Batching does not change the captions (scores only to float precision).
+  single = captioner.caption(images, num_candidates=5, steps=10, seed=1, batch_size=1)
+  for a, b in zip(single, out):
+    assert [c["caption"] for c in a["candidates"]] == [c["caption"] for c in b["candidates"]]
+    np.testing.assert_allclose([c["score"] for c in a["candidates"]],
+                               [c["score"] for c in b["candidates"]], rtol=1e-4, atol=1e-6)
+  one = captioner.caption(images[:1], num_candidates=1, steps=10)
+  assert one[0]["candidates"][0]["score"] is None
+
+
+def test_rerank_order_equals_independent_cosine(captioner, clip_dir, image_paths):
+  from transformers import CLIPProcessor, FlaxCLIPModel
+  out = captioner.caption(image_paths[:2], num_candidates=4, steps=8, seed=3)
+  model = FlaxCLIPModel.from_pretrained(clip_dir)
+  processor = CLIPProcessor.from_pretrained(clip_dir)
+  for path, r in zip(image_paths, out):
+    texts = [c["caption"] for c in r["candidates"]]
+    enc = processor(text=texts, images=Image.open(path).convert("RGB"), return_tensors="np",
+                    padding="max_length", truncation=True)
+    img = np.asarray(model.get_image_features(pixel_values=enc["pixel_values"]))
+    txt = np.asarray(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+    cos = (txt / np.linalg.norm(txt, axis=-1, keepdims=True)) @ (img[0] / np.linalg.norm(img[0]))
+    np.testing.assert_allclose([c["score"] for c in r["candidates"]], cos, rtol=1e-4, atol=1e-5)
+    assert list(np.argsort(-cos, kind="stable")) == list(range(len(texts)))
+
+
+def test_refusals(trained_workdir, tmp_path):
+  with pytest.raises(CheckpointError, match="not a training workdir"):
+    load_bundle(str(tmp_path))
+  bad = tmp_path / "bad"
+  shutil.copytree(trained_workdir[0], bad)
+  with pytest.raises(CheckpointError, match="no checkpoint at step 7"):
+    load_bundle(str(bad), step=7)
+  meta = bad / "checkpoints" / "100" / "vocab" / "metadata"
+  words = json.loads(meta.read_text())
+  words["words"].append("extra")
+  meta.write_text(json.dumps(words))
+  with pytest.raises(CheckpointError, match="vocabulary has .* words but the model's embedding table"):
+    load_bundle(str(bad))
+  other = clip_lib.save_small_clip(tmp_path / "clip64", projection_dim=64)
+  with pytest.raises(clip_lib.ClipLoadError, match="64-d embeddings.*32-d features"):
+    Captioner.from_workdir(trained_workdir[0], clip=other)
+
+
+def test_caption_command(trained_workdir, image_paths, tmp_path):
+  corrupt = tmp_path / "corrupt.png"
+  corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  png, jpg = image_paths[0], image_paths[1]
+  env = {"XLA_FLAGS": ""}
+  r = run_pdiff("caption", f"--workdir={trained_workdir[0]}", "--json", "--num_candidates=3",
+                "--steps=5", png, str(corrupt), jpg, env=env)
+  assert r.returncode == 1, r.stderr
+  assert f"{corrupt}: " in r.stderr
+  out = json.loads(r.stdout)
+  assert [o["image"] for o in out] == [png, jpg]
+  assert all(len(o["candidates"]) == 3 and o["caption"] == o["candidates"][0]["caption"] for o in out)
+  r2 = run_pdiff("caption", f"--workdir={trained_workdir[0]}", "--num_candidates=3", "--steps=5",
+                 png, jpg, env=env)
+  assert r2.returncode == 0, r2.stderr
+  lines = r2.stdout.strip().split("\n")
+  assert [l.split("\t") for l in lines] == [[o["image"], o["caption"]] for o in out]
+  r3 = run_pdiff("caption", f"--workdir={tmp_path}", png, env=env)
+  assert r3.returncode == 1 and "not a training workdir" in r3.stderr and "Traceback" not in r3.stderr
