@@ -20,6 +20,8 @@ commands:
   extract --config=CFG [--config.key=value ...]                  CLIP features + vocabulary of every split
   train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
   caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--json] IMAGE...
+  eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--sweep]
+  score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
   info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
 
 `pdiff COMMAND --help` lists a command's flags."""
@@ -109,6 +111,64 @@ def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:
   return 1 if failed else 0
 
 
+def _flags_eval(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "A training workdir.", flag_values=fv, required=True)
+  flags.DEFINE_string("split", "test", "Split of the feature store to evaluate.", flag_values=fv)
+  flags.DEFINE_integer("num_candidates", None, "Candidates per image (default: sampler.num_candidates).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("steps", None, "Denoising steps (default: sampler.steps).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_float("eta", None, "DDIM eta (default: sampler.eta).", lower_bound=0.0,
+                     upper_bound=1.0, flag_values=fv)
+  flags.DEFINE_integer("max_images", None, "Evaluate only the first N images.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_boolean("sweep", False, "Also sweep n (1, 2, 5, 10, 20) and sampling steps, and "
+                       "plot CIDEr and Div-2 against them in the report.", flag_values=fv)
+
+
+def _cmd_eval(fv: flags.FlagValues) -> int:
+  from pdiff_jax import evaluate
+  evaluate.evaluate(fv.workdir, fv.split, fv.num_candidates, fv.steps, fv.seed, fv.eta,
+                    sweep=fv.sweep, max_images=fv.max_images)
+  return 0
+
+
+def _flags_score(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("results", None, "COCO results JSON: [{\"image_id\": ID, \"caption\": C}, ...].",
+                      flag_values=fv, required=True)
+  flags.DEFINE_string("references", None, "Karpathy dataset_*.json or COCO captions_*.json.",
+                      flag_values=fv, required=True)
+  flags.DEFINE_string("split", "test", "Karpathy split of the references.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Directory for metrics.json.", flag_values=fv, required=True)
+  flags.DEFINE_string("vocab", None, "vocab.json for the Vocab metric (default: words seen twice "
+                      "in the references' train split, or in all references).", flag_values=fv)
+  flags.DEFINE_string("images", None, "Image folder (for CLIP-S / RefCLIP-S).", flag_values=fv)
+  flags.DEFINE_string("clip", None, "CLIP for CLIP-S / RefCLIP-S (hub name or directory).",
+                      flag_values=fv)
+
+
+def _cmd_score(fv: flags.FlagValues) -> int:
+  from pdiff_jax import evaluate
+  from pdiff_jax.data.vocab import Vocab, tokenize
+  if bool(fv.images) != bool(fv.clip):
+    raise UsageError("--images and --clip go together (CLIP-S needs both)")
+  try:
+    if fv.vocab:
+      vocab_size = len(Vocab.load(fv.vocab))
+    else:
+      refs = evaluate.load_references(fv.references, "train") or evaluate.load_references(fv.references, fv.split)
+      vocab_size = len(Vocab.build((tokenize(c) for caps, _ in refs.values() for c in caps)))
+    evaluate.score_results(fv.results, fv.references, fv.split, fv.out, vocab_size, fv.images, fv.clip)
+  except (ValueError, KeyError, OSError) as e:
+    raise ScoreInputError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+  return 0
+
+
+class ScoreInputError(Exception):
+  pass
+
+
 def _cmd_info(fv: flags.FlagValues) -> int:
   import jax
   from pdiff_jax import clip, config as config_lib, model as model_lib, sharding, train
@@ -133,6 +193,8 @@ COMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[..., int]
     "extract": (lambda fv: _config_flag(fv), _cmd_extract),
     "train": (_flags_train, _cmd_train),
     "caption": (_flags_caption, _cmd_caption),
+    "eval": (_flags_eval, _cmd_eval),
+    "score": (_flags_score, _cmd_score),
     "info": (lambda fv: _config_flag(fv), _cmd_info),
 }
 
@@ -187,6 +249,7 @@ def main(argv: list[str]) -> int:
   from pdiff_jax.config import ConfigError
   from pdiff_jax.data.features import FeatureStoreError
   from pdiff_jax.data.sources import SourceError
+  from pdiff_jax.metrics.coco import MetricError
   from pdiff_jax.train import TrainingDiverged
   try:
     fv, positional = _parse(command, args)
@@ -197,7 +260,7 @@ def main(argv: list[str]) -> int:
     print(f"pdiff {command}: {e}", file=sys.stderr)
     return 2
   except (CheckpointError, TrainingDiverged, ClipLoadError, SourceError, FeatureStoreError,
-          FileNotFoundError, PermissionError) as e:
+          MetricError, ScoreInputError, FileNotFoundError, PermissionError) as e:
     print(f"pdiff {command}: {e}", file=sys.stderr)
     return 1
 

@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.batch_size = 8  # images per sampling call (each with num_candidates chains)
   c.sampler.rerank_clip = ""  # CLIP for reranking; empty = clip.model
 
+  c.eval = ml_collections.ConfigDict()
+  c.eval.clip_model = ""  # CLIP for CLIP-S / RefCLIP-S; empty = clip.model (then reranking inflates CLIP-S)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)  # (data, model); -1 takes all remaining devices
   c.mesh.rules = DEFAULT_RULES

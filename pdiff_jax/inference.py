@@ -160,18 +160,26 @@ class Captioner:
     for start in range(0, len(pil), batch_size):
       chunk = pil[start:start + batch_size]
       feats = self.features(chunk)
-      tokens = self.sample_tokens(feats, n, steps, seed, eta, offsets=np.arange(start, start + len(chunk)))
-      captions = [[self.bundle.vocab.decode(t) for t in cands] for cands in tokens]
-      if n > 1:
-        emb = feats if self.rerank_clip is self.clip else self.rerank_clip.encode_images(
-            self.rerank_clip.preprocess(chunk))
-        scores = self.rerank(emb, captions)
-      else:
-        scores = np.full((len(chunk), 1), np.nan)
-      for cands, sc in zip(captions, scores):
-        order = np.argsort(-sc, kind="stable") if n > 1 else [0]
-        ranked = [{"caption": cands[j], "score": None if n == 1 else float(sc[j])} for j in order]
-        results.append({"caption": ranked[0]["caption"], "candidates": ranked})
+      emb = feats if self.rerank_clip is self.clip else self.rerank_clip.encode_images(
+          self.rerank_clip.preprocess(chunk))
+      results += self.caption_features(feats, emb, n, steps, seed, eta,
+                                       offsets=np.arange(start, start + len(chunk)))
+    return results
+
+  def caption_features(self, features_BF: np.ndarray, rerank_emb_BF: np.ndarray | None,
+                       num_candidates: int, steps: int, seed: int, eta: float,
+                       offsets: np.ndarray | None = None) -> list[dict]:
+    """`caption` from precomputed CLIP features (and the rerank CLIP's image embeddings)."""
+    tokens = self.sample_tokens(features_BF, num_candidates, steps, seed, eta, offsets)
+    captions = [[self.bundle.vocab.decode(t) for t in cands] for cands in tokens]
+    if num_candidates > 1:
+      scores = self.rerank(rerank_emb_BF, captions)
+    results = []
+    for i, cands in enumerate(captions):
+      order = np.argsort(-scores[i], kind="stable") if num_candidates > 1 else [0]
+      ranked = [{"caption": cands[j], "score": None if num_candidates == 1 else float(scores[i, j])}
+                for j in order]
+      results.append({"caption": ranked[0]["caption"], "candidates": ranked})
     return results
 
   def sample_tokens(self, features_BF: np.ndarray, num_candidates: int, steps: int, seed: int,

@@ -1,0 +1,242 @@
+"""`pdiff eval` and `pdiff score`: sample a split, rerank, and compute every metric of CONTRACT.md.
+
+`score_captions` is the one place metrics are computed, for our own samples (`evaluate`) and
+for any system's results file (`pdiff score`), so the two agree by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from pdiff_jax.metrics import clipscore, coco, diversity
+
+log = logging.getLogger(__name__)
+
+SWEEP_CANDIDATES = (1, 2, 5, 10, 20)
+SWEEP_STEPS = (5, 10, 20, 50, 100, 200)
+TABLE_KEYS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S", "Div-2",
+              "mBLEU-4", "Vocab")
+
+
+def score_captions(entries: Sequence[dict], vocab_size: int, clip=None,
+                   image_emb: np.ndarray | None = None) -> dict:
+  """Metrics for entries {"caption", "candidates": [{"caption"}...], "references": [...]}.
+
+  CLIP-S / RefCLIP-S need `clip` (a clip.Clip) and the images' embeddings from it; without
+  them they are None.
+  """
+  refs = {i: list(e["references"]) for i, e in enumerate(entries)}
+  chosen = [e["caption"] for e in entries]
+  metrics: dict[str, Any] = coco.coco_scores(refs, dict(enumerate(chosen)))
+  cand_sets = [[c["caption"] for c in e["candidates"]] for e in entries]
+  metrics.update(diversity.diversity_scores(chosen, cand_sets, vocab_size))
+  metrics["CLIP-S"] = metrics["RefCLIP-S"] = None
+  metrics["clip_model"] = None
+  if clip is not None and image_emb is not None:
+    cap = clip.encode_texts([clipscore.PREFIX + c for c in chosen])
+    flat = [r for e in entries for r in e["references"]]
+    ref_emb = clip.encode_texts(flat) if flat else np.zeros((0, clip.embed_dim))
+    splits = np.cumsum([len(e["references"]) for e in entries])[:-1]
+    metrics.update(clipscore.clip_scores(image_emb, cap, np.split(ref_emb, splits)))
+    metrics["clip_model"] = clip.name
+  metrics["num_images"] = len(entries)
+  return metrics
+
+
+def _cider_div2(entries: Sequence[dict]) -> dict:
+  """The two numbers the sweep plots, without the cost of the full metric set."""
+  refs = {i: list(e["references"]) for i, e in enumerate(entries)}
+  cider = coco.cider({i: e["caption"] for i, e in enumerate(entries)}, refs)
+  return {"CIDEr": cider, "Div-2": diversity.div_n([[c["caption"] for c in e["candidates"]]
+                                                   for e in entries], 2)}
+
+
+def markdown_table(metrics: dict, keys: Sequence[str] = TABLE_KEYS) -> str:
+  def fmt(k):
+    v = metrics.get(k)
+    if v is None:
+      return "n/a"
+    return f"{100 * v:.1f}" if k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE") else f"{v:.3f}"
+  return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                    "| " + " | ".join(fmt(k) for k in keys) + " |"])
+
+
+def _rank(captions: list[list[str]], scores: np.ndarray | None, k: int) -> list[dict]:
+  out = []
+  for i, cands in enumerate(captions):
+    cands = cands[:k]
+    if k == 1 or scores is None:
+      ranked = [{"caption": cands[0], "score": None}]
+    else:
+      order = np.argsort(-scores[i, :k], kind="stable")
+      ranked = [{"caption": cands[j], "score": float(scores[i, j])} for j in order]
+    out.append({"caption": ranked[0]["caption"], "candidates": ranked})
+  return out
+
+
+def _sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int, steps: int,
+                  seed: int, eta: float, progress: bool) -> tuple[list[list[str]], np.ndarray | None]:
+  """Unranked candidate captions (in candidate order) and their rerank cosines."""
+  from tqdm import tqdm
+  batch = int(captioner.bundle.config.sampler.batch_size)
+  captions: list[list[str]] = []
+  bar = tqdm(total=len(features), unit="img", desc=f"sample n={n} steps={steps}",
+             disable=not progress, dynamic_ncols=True)
+  for start in range(0, len(features), batch):
+    feats = np.asarray(features[start:start + batch], np.float32)
+    tokens = captioner.sample_tokens(feats, n, steps, seed, eta, np.arange(start, start + len(feats)))
+    captions += [[captioner.bundle.vocab.decode(t) for t in c] for c in tokens]
+    bar.update(len(feats))
+  bar.close()
+  scores = captioner.rerank(rerank_emb, captions) if n > 1 else None
+  return captions, scores
+
+
+def evaluate(workdir: str, split: str = "test", num_candidates: int | None = None,
+             steps: int | None = None, seed: int = 0, eta: float | None = None,
+             sweep: bool = False, max_images: int | None = None, progress: bool = True,
+             captioner=None, out_dir: str | None = None) -> dict:
+  """Samples every image of `split` from the feature store, reranks, scores; writes
+  `workdir/eval/<split>/{metrics.json, captions.json, report.html}`."""
+  from pdiff_jax import clip as clip_lib, model as model_lib, report
+  from pdiff_jax.data.features import FeatureStore
+  from pdiff_jax.inference import Captioner
+
+  t0 = time.perf_counter()
+  captioner = captioner or Captioner.from_workdir(workdir)
+  config = captioner.bundle.config
+  s = config.sampler
+  n = int(num_candidates or s.num_candidates)
+  steps = int(steps or s.steps)
+  eta = float(s.eta if eta is None else eta)
+  store = FeatureStore(config.data.feature_dir)
+  features = store.split(split).features
+  meta = store.images(split)
+  if max_images:
+    features, meta = features[:max_images], meta[:max_images]
+  features = np.asarray(features, np.float32)
+  paths = [m["image"] for m in meta]
+
+  def embeddings(clip):
+    if clip.name == captioner.clip.name:
+      return features  # the store holds exactly this CLIP's image embeddings
+    from pdiff_jax.data.images import load_image
+    return np.concatenate([clip.encode_images(clip.preprocess([load_image(p) for p in paths[i:i + 64]]))
+                           for i in range(0, len(paths), 64)])
+
+  rerank_emb = embeddings(captioner.rerank_clip)
+  n_sample = max(n, max(SWEEP_CANDIDATES)) if sweep else n
+  captions, scores = _sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta, progress)
+  ranked = _rank(captions, scores, n)
+
+  eval_clip_name = config.get("eval", {}).get("clip_model", "") or captioner.clip.name
+  eval_clip = captioner.clip if eval_clip_name == captioner.clip.name else (
+      captioner.rerank_clip if eval_clip_name == captioner.rerank_clip.name
+      else clip_lib.Clip.load(eval_clip_name))
+  entries = [{"image_id": m["image_id"], "image": m["image"], **r, "references": m["captions"]}
+             for m, r in zip(meta, ranked)]
+  vocab_size = len(captioner.bundle.vocab)
+  metrics = score_captions(entries, vocab_size, eval_clip, embeddings(eval_clip))
+  metrics.update({
+      "trainable_params": model_lib.count_params(captioner.bundle.params),
+      "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, "eta": eta, "seed": seed,
+      "split": split, "checkpoint_step": captioner.bundle.step, "rerank_clip": captioner.rerank_clip.name,
+  })
+
+  sweeps = {}
+  if sweep:
+    sweeps["candidates"] = []
+    for k in SWEEP_CANDIDATES:
+      sub = [{**e, **r} for e, r in zip(entries, _rank(captions, scores, k))]
+      sweeps["candidates"].append({"n": k, **_cider_div2(sub)})
+    sweeps["steps"] = []
+    for st in sorted({x for x in SWEEP_STEPS if x <= max(steps, 20)} | {steps}):
+      cs, sc = _sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress)
+      sub = [{**e, **r} for e, r in zip(entries, _rank(cs, sc, n))]
+      sweeps["steps"].append({"steps": st, **_cider_div2(sub)})
+    metrics["sweep"] = sweeps
+  metrics["seconds"] = time.perf_counter() - t0
+
+  out_dir = out_dir or os.path.join(workdir, "eval", split)
+  write_outputs(out_dir, metrics, entries, title=f"pdiff eval: {workdir} ({split})")
+  return metrics
+
+
+def write_outputs(out_dir: str, metrics: dict, entries: list[dict] | None, title: str) -> None:
+  from pdiff_jax import report
+  os.makedirs(out_dir, exist_ok=True)
+  _write_json(os.path.join(out_dir, "metrics.json"), metrics)
+  if entries is not None:
+    _write_json(os.path.join(out_dir, "captions.json"), entries)
+    report.write_report(os.path.join(out_dir, "report.html"), title, metrics, entries)
+  print(markdown_table(metrics))
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def load_references(path: str, split: str = "test") -> dict:
+  """image id -> (reference captions, image file name) from a Karpathy JSON (entries of `split`)
+  or a COCO annotations file (`captions_val2014.json` format)."""
+  with open(path) as f:
+    data = json.load(f)
+  out: dict = {}
+  if isinstance(data, dict) and "annotations" in data:
+    files = {im["id"]: im.get("file_name", "") for im in data.get("images", [])}
+    for a in data["annotations"]:
+      refs, _ = out.setdefault(a["image_id"], ([], files.get(a["image_id"], "")))
+      refs.append(a["caption"])
+    return out
+  if isinstance(data, dict) and "images" in data:
+    for e in data["images"]:
+      if e.get("split") == split or (split == "train" and e.get("split") == "restval"):
+        image_id = e["cocoid"] if "cocoid" in e else e["imgid"]
+        out[image_id] = ([s["raw"] for s in e["sentences"]],
+                         os.path.join(e.get("filepath", ""), e["filename"]))
+    return out
+  raise ValueError(f"{path}: neither a Karpathy split file nor COCO caption annotations")
+
+
+def score_results(results_path: str, references_path: str, split: str, out_dir: str,
+                  vocab_size: int, images_dir: str | None = None, clip_name: str | None = None) -> dict:
+  """`pdiff score`: metrics for a COCO-format results file (several entries per image allowed:
+  the first is the chosen caption, all of them the candidate set)."""
+  with open(results_path) as f:
+    results = json.load(f)
+  if not isinstance(results, list) or not all(isinstance(r, dict) and "image_id" in r and "caption" in r
+                                              for r in results):
+    raise ValueError(f"{results_path}: expected a COCO results list of {{\"image_id\", \"caption\"}}")
+  refs = load_references(references_path, split)
+  grouped: dict = {}
+  for r in results:
+    grouped.setdefault(r["image_id"], []).append(r["caption"])
+  missing = [i for i in grouped if i not in refs]
+  if missing:
+    raise ValueError(f"{results_path}: {len(missing)} image id(s) have no references in "
+                     f"{references_path} (split {split}), e.g. {missing[0]!r}")
+  entries = [{"image_id": i, "image": refs[i][1], "caption": caps[0],
+              "candidates": [{"caption": c} for c in caps], "references": refs[i][0]}
+             for i, caps in grouped.items()]
+  clip = image_emb = None
+  if images_dir and clip_name:
+    from pdiff_jax import clip as clip_lib
+    from pdiff_jax.data.images import load_image
+    clip = clip_lib.Clip.load(clip_name)
+    paths = [os.path.join(images_dir, e["image"]) for e in entries]
+    image_emb = np.concatenate([clip.encode_images(clip.preprocess([load_image(p) for p in paths[i:i + 64]]))
+                                for i in range(0, len(paths), 64)])
+  metrics = score_captions(entries, vocab_size, clip, image_emb)
+  metrics.update({"num_candidates": max(len(c) for c in grouped.values()), "sample_steps": None,
+                  "trainable_params": None})
+  write_outputs(out_dir, metrics, None, title="pdiff score")
+  return metrics

@@ -1,0 +1,115 @@
+"""A self-contained HTML report: metrics table, sweep plots, and every image with its references
+and candidates (sorted by CLIP score, the chosen one marked). All text is HTML-escaped;
+images and plots are embedded as base64 so the file can be mailed or archived alone."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from typing import Sequence
+
+THUMB = 112
+METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE",
+                "CLIP-S", "RefCLIP-S", "Dist-1", "Dist-2", "Dist-3", "Vocab", "Div-1", "Div-2",
+                "mBLEU-4", "num_images", "num_candidates", "sample_steps", "trainable_params",
+                "clip_model")
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222}
+table.metrics td,table.metrics th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
+.item{display:flex;gap:16px;border-top:1px solid #ccc;padding:10px 0}
+.item img{width:%dpx;height:%dpx;object-fit:cover;border:1px solid #aaa}
+.noimg{width:%dpx;height:%dpx;background:#eee;display:flex;align-items:center;justify-content:center;color:#888;font-size:12px}
+ol{margin:4px 0;padding-left:22px} .chosen{font-weight:bold;color:#0a5} .score{color:#888;font-size:90%%}
+h3{margin:0 0 4px 0;font-size:14px} .refs{color:#555}
+""" % (THUMB, THUMB, THUMB, THUMB)
+
+
+def _thumbnail(path: str) -> str | None:
+  from PIL import Image
+  from pdiff_jax.data.images import BadImage, load_image
+  if not os.path.exists(path):
+    return None
+  try:
+    image = load_image(path)
+  except BadImage:
+    return None
+  image.thumbnail((THUMB * 2, THUMB * 2), Image.BICUBIC)
+  buf = io.BytesIO()
+  image.save(buf, format="JPEG", quality=80)
+  return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plot(points: Sequence[dict], x: str, title: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax1 = plt.subplots(figsize=(4.8, 3.2), dpi=100)
+  xs = [p[x] for p in points]
+  ax1.plot(xs, [100 * p["CIDEr"] for p in points], "o-", color="tab:blue", label="CIDEr")
+  ax1.set_xlabel(x)
+  ax1.set_ylabel("CIDEr", color="tab:blue")
+  ax1.set_xscale("log")
+  ax2 = ax1.twinx()
+  ax2.plot(xs, [p["Div-2"] for p in points], "s--", color="tab:orange", label="Div-2")
+  ax2.set_ylabel("Div-2", color="tab:orange")
+  ax1.set_title(title)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  plt.close(fig)
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return "n/a"
+  if isinstance(v, float):
+    return f"{v:.4f}"
+  return str(v)
+
+
+def _candidate(rank: int, c: dict) -> str:
+  score = "" if c.get("score") is None else f" <span class='score'>{c['score']:.3f}</span>"
+  if rank == 0:
+    return f"<li class='chosen'>{html.escape(c['caption'])}{score} &#10003;</li>"
+  return f"<li>{html.escape(c['caption'])}{score}</li>"
+
+
+def render(title: str, metrics: dict, entries: Sequence[dict]) -> str:
+  e = html.escape
+  parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+           f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
+  rows = "".join(f"<tr><th>{e(k)}</th><td>{e(_fmt(metrics.get(k)))}</td></tr>"
+                 for k in METRIC_ORDER if k in metrics)
+  if metrics.get("SPICE_unavailable_reason"):
+    rows += f"<tr><th>SPICE</th><td>{e(metrics['SPICE_unavailable_reason'])}</td></tr>"
+  parts.append(f"<h2>Metrics</h2><table class='metrics'>{rows}</table>")
+  sweep = metrics.get("sweep")
+  if sweep:
+    parts.append("<h2>Quality and diversity</h2>")
+    if sweep.get("candidates"):
+      parts.append(f"<img alt='CIDEr and Div-2 against n' src='{_plot(sweep['candidates'], 'n', 'against candidates n')}'>")
+    if sweep.get("steps"):
+      parts.append(f"<img alt='CIDEr and Div-2 against steps' src='{_plot(sweep['steps'], 'steps', 'against sampling steps')}'>")
+  parts.append(f"<h2>Captions ({len(entries)} images)</h2>")
+  for item in entries:
+    thumb = _thumbnail(str(item.get("image", "")))
+    img = (f"<img src='{thumb}' alt='{e(str(item.get('image', '')))}'>" if thumb
+           else "<div class='noimg'>no image</div>")
+    cands = "".join(_candidate(i, c) for i, c in enumerate(item["candidates"]))
+    refs = "".join(f"<li>{e(r)}</li>" for r in item.get("references", []))
+    parts.append(f"<div class='item'>{img}<div><h3>{e(str(item.get('image_id', '')))}</h3>"
+                 f"<b>candidates</b> (best first)<ol>{cands}</ol>"
+                 f"<b>references</b><ul class='refs'>{refs}</ul></div></div>")
+  parts.append("</body></html>")
+  return "\n".join(parts)
+
+
+def write_report(path: str, title: str, metrics: dict, entries: Sequence[dict]) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(render(title, metrics, entries))
+  os.replace(tmp, path)

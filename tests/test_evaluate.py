@@ -1,0 +1,131 @@
+"""`pdiff eval` and `pdiff score` on a model trained by configs/tiny.py."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_pdiff
+from pdiff_jax import evaluate, report
+from pdiff_jax.inference import load_bundle
+from pdiff_jax.model import count_params
+
+CONTRACT_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE",
+                 "SPICE_unavailable_reason", "CLIP-S", "RefCLIP-S", "Dist-1", "Dist-2", "Dist-3",
+                 "Vocab", "Div-1", "Div-2", "mBLEU-4", "trainable_params", "num_images",
+                 "num_candidates", "sample_steps", "clip_model"}
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_workdir):
+  workdir = trained_workdir[0]
+  metrics = evaluate.evaluate(workdir, "test", num_candidates=3, steps=5, seed=0, sweep=True,
+                              progress=False)
+  out = os.path.join(workdir, "eval", "test")
+  return workdir, metrics, json.load(open(os.path.join(out, "captions.json"))), out
+
+
+def test_eval_outputs(evaluated, trained_workdir):
+  workdir, metrics, captions, out = evaluated
+  assert CONTRACT_KEYS <= set(metrics)
+  assert json.load(open(os.path.join(out, "metrics.json")))["CIDEr"] == metrics["CIDEr"]
+  assert metrics["num_images"] == 3 and metrics["num_candidates"] == 3 and metrics["sample_steps"] == 5
+  assert metrics["trainable_params"] == count_params(load_bundle(workdir).params) > 0
+  assert metrics["SPICE"] is None and metrics["SPICE_unavailable_reason"]
+  ids = [c["image_id"] for c in captions]
+  assert ids == [1014, 1015, 1016]  # Karpathy cocoid of the test images (after 12 train, 2 val)
+  for c in captions:
+    assert c["caption"] == c["candidates"][0]["caption"] and len(c["candidates"]) == 3
+    assert len(c["references"]) == 5 and os.path.exists(c["image"])
+    scores = [x["score"] for x in c["candidates"]]
+    assert scores == sorted(scores, reverse=True)
+  sweep = metrics["sweep"]
+  assert [p["n"] for p in sweep["candidates"]] == [1, 2, 5, 10, 20]
+  assert [p["steps"] for p in sweep["steps"]][:3] == [5, 10, 20]
+
+
+def test_eval_quality_equals_the_scorers_by_hand(evaluated):
+  from pycocoevalcap.bleu.bleu import Bleu
+  from pycocoevalcap.cider.cider import Cider
+  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+  _, metrics, captions, _ = evaluated
+  tok = PTBTokenizer()
+  gts = tok.tokenize({i: [{"caption": r} for r in c["references"]] for i, c in enumerate(captions)})
+  res = tok.tokenize({i: [{"caption": c["caption"]}] for i, c in enumerate(captions)})
+  assert metrics["BLEU-4"] == pytest.approx(Bleu(4).compute_score(gts, res)[0][3], rel=1e-12, abs=1e-15)
+  assert metrics["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
+
+
+def test_clip_s_against_numpy(evaluated, clip_dir):
+  from transformers import CLIPProcessor, FlaxCLIPModel
+  from PIL import Image
+  _, metrics, captions, _ = evaluated
+  model = FlaxCLIPModel.from_pretrained(clip_dir)
+  proc = CLIPProcessor.from_pretrained(clip_dir)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  clip_s, ref_s = [], []
+  for c in captions:
+    pix = proc(images=Image.open(c["image"]).convert("RGB"), return_tensors="np")["pixel_values"]
+    img = unit(np.asarray(model.get_image_features(pixel_values=pix))[0])
+    texts = ["A photo depicts " + c["caption"]] + c["references"]
+    enc = proc(text=texts, return_tensors="np", padding="max_length", truncation=True)
+    t = unit(np.asarray(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])))
+    s = 2.5 * max(float(t[0] @ img), 0)
+    r = 2.5 * max(float(np.max(t[1:] @ t[0])), 0)
+    clip_s.append(s)
+    ref_s.append(2 * s * r / (s + r) if s + r > 0 else 0.0)
+  assert metrics["CLIP-S"] == pytest.approx(np.mean(clip_s), rel=1e-4)
+  assert metrics["RefCLIP-S"] == pytest.approx(np.mean(ref_s), rel=1e-4)
+  assert metrics["clip_model"] == clip_dir
+
+
+def test_report_has_every_image_and_escapes_text(evaluated):
+  _, metrics, captions, out = evaluated
+  page = open(os.path.join(out, "report.html")).read()
+  assert page.count("data:image/jpeg;base64,") == len(captions)
+  assert page.count("data:image/png;base64,") == 2  # the two sweep plots
+  for c in captions:
+    assert str(c["image_id"]) in page
+  evil = [{**captions[0], "caption": "<script>alert(1)</script>",
+           "candidates": [{"caption": "<script>alert(1)</script>", "score": 0.5}],
+           "references": ["<b>bold</b> & co"]}]
+  html = report.render("t", metrics, evil)
+  assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+  assert "&lt;b&gt;bold&lt;/b&gt; &amp; co" in html
+
+
+def test_score_on_a_results_file_equals_eval(evaluated, trained_workdir, clip_dir, tmp_path):
+  workdir, metrics, captions, _ = evaluated
+  data = trained_workdir[1]
+  results = [{"image_id": c["image_id"], "caption": x["caption"]} for c in captions for x in c["candidates"]]
+  (tmp_path / "results.json").write_text(json.dumps(results))
+  vocab = json.load(open(os.path.join(workdir, "config.json")))["data"]["feature_dir"] + "/vocab.json"
+  r = run_pdiff("score", f"--results={tmp_path}/results.json",
+                f"--references={data}/dataset_coco.json", "--split=test", f"--vocab={vocab}",
+                f"--images={data}/images", f"--clip={clip_dir}", f"--out={tmp_path}/out",
+                env={"XLA_FLAGS": ""})
+  assert r.returncode == 0, r.stderr
+  scored = json.load(open(tmp_path / "out" / "metrics.json"))
+  assert CONTRACT_KEYS <= set(scored)
+  for key in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Dist-1", "Dist-2", "Dist-3",
+              "Vocab", "Div-1", "Div-2", "mBLEU-4", "CLIP-S", "RefCLIP-S", "num_images", "num_candidates"):
+    assert scored[key] == pytest.approx(metrics[key], rel=1e-5), key
+  assert "| BLEU-4 |" in r.stdout  # the Markdown table
+  # Without images, CLIP-S is null; bad input is a one-line error.
+  r = run_pdiff("score", f"--results={tmp_path}/results.json", f"--references={data}/dataset_coco.json",
+                f"--out={tmp_path}/out2", env={"XLA_FLAGS": ""})
+  assert r.returncode == 0 and json.load(open(tmp_path / "out2" / "metrics.json"))["CLIP-S"] is None
+  (tmp_path / "bad.json").write_text('[{"image_id": 1}]')
+  r = run_pdiff("score", f"--results={tmp_path}/bad.json", f"--references={data}/dataset_coco.json",
+                f"--out={tmp_path}/out3", env={"XLA_FLAGS": ""})
+  assert r.returncode == 1 and "bad.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_command(trained_workdir):
+  r = run_pdiff("eval", f"--workdir={trained_workdir[0]}", "--split=val", "--num_candidates=2",
+                "--steps=4", env={"XLA_FLAGS": ""})
+  assert r.returncode == 0, r.stderr
+  assert "| BLEU-4 | METEOR |" in r.stdout
+  m = json.load(open(os.path.join(trained_workdir[0], "eval", "val", "metrics.json")))
+  assert m["num_images"] == 2 and m["num_candidates"] == 2

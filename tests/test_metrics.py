@@ -1,0 +1,123 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from pdiff_jax.metrics import clipscore, coco, diversity
+
+
+def test_distinct_and_vocab_by_hand():
+  caps = ["A b a.", "a C"]
+  assert diversity.distinct_n(caps, 1) == pytest.approx(3 / 5)  # {a, b, c} / 5 words
+  assert diversity.distinct_n(caps, 2) == pytest.approx(3 / 5)  # {ab, ba, ac}
+  assert diversity.distinct_n(caps, 3) == pytest.approx(1 / 5)  # {aba}
+  assert diversity.vocab_usage(caps, 10) == pytest.approx(0.3)
+  assert diversity.distinct_n([], 1) == 0.0
+
+
+def test_div_n_by_hand():
+  sets = [["a b", "a b"], ["x y z", "x"]]
+  assert diversity.div_n(sets, 1) == pytest.approx((2 / 4 + 3 / 4) / 2)
+  assert diversity.div_n(sets, 2) == pytest.approx((1 / 4 + 2 / 4) / 2)
+
+
+def test_mbleu4():
+  same = [["a man rides a big horse"] * 3]
+  assert diversity.mbleu4(same) == pytest.approx(1.0, abs=1e-6)
+  apart = [["a man rides a horse", "two dogs sleep on grass", "the red bus is parked"]]
+  assert diversity.mbleu4(apart) < 1e-3
+  # Against pycocoevalcap's BLEU by hand: candidate 0 vs the others, etc., averaged.
+  from pycocoevalcap.bleu.bleu import Bleu
+  cands = ["a man rides a horse", "a man rides a brown horse", "a woman walks a dog"]
+  by_hand = []
+  for j, c in enumerate(cands):
+    refs = [o for k, o in enumerate(cands) if k != j]
+    by_hand.append(Bleu(4).compute_score({0: refs}, {0: [c]}, verbose=0)[0][3])
+  assert diversity.mbleu4([cands]) == pytest.approx(np.mean(by_hand), rel=1e-9)
+  assert diversity.mbleu4([["only one"]]) is None
+
+
+def test_clip_scores_by_hand():
+  img = np.array([[1.0, 0.0], [0.0, 2.0]])
+  cap = np.array([[1.0, 1.0], [1.0, -1.0]])
+  refs = [np.array([[0.0, 1.0], [1.0, 1.0]]), np.array([[-1.0, 0.0]])]
+  out = clipscore.clip_scores(img, cap, refs)
+  c1 = 2.5 * np.cos(np.pi / 4)  # image 1: 45 degrees
+  c2 = 0.0  # image 2: cos < 0 -> clipped
+  assert out["CLIP-S"] == pytest.approx((c1 + c2) / 2)
+  r1, r2 = 2.5 * 1.0, 2.5 * 0.0
+  h1 = 2 * c1 * r1 / (c1 + r1)
+  assert out["RefCLIP-S"] == pytest.approx((h1 + 0.0) / 2)
+  assert clipscore.clip_scores(img, cap)["RefCLIP-S"] is None
+
+
+REFS = {1: ["A man riding a horse.", "a person on a horse"],
+        2: ["Two dogs play in the snow!", "dogs in snow"], 3: ["A red bus.", "a bus on the street"]}
+CANDS = {1: "a man on a horse", 2: "two dogs in the snow", 3: "a red bus parked on a street"}
+
+
+def test_coco_scores_equal_the_scorers_by_hand():
+  from pycocoevalcap.bleu.bleu import Bleu
+  from pycocoevalcap.cider.cider import Cider
+  from pycocoevalcap.meteor.meteor import Meteor
+  from pycocoevalcap.rouge.rouge import Rouge
+  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+  tok = PTBTokenizer()
+  gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in REFS.items()})
+  res = tok.tokenize({k: [{"caption": c}] for k, c in CANDS.items()})
+  ours = coco.coco_scores(REFS, CANDS)
+  bleu = Bleu(4).compute_score(gts, res)[0]
+  for i in range(4):
+    assert ours[f"BLEU-{i + 1}"] == pytest.approx(bleu[i], rel=1e-12)
+  assert ours["METEOR"] == pytest.approx(Meteor().compute_score(gts, res)[0], rel=1e-9)
+  assert ours["ROUGE-L"] == pytest.approx(Rouge().compute_score(gts, res)[0], rel=1e-12)
+  assert ours["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
+  assert ours["SPICE"] is None and "CoreNLP" in ours["SPICE_unavailable_reason"]
+
+
+def _snapshot(root):
+  return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getmtime(os.path.join(d, f)))
+                for d, _, fs in os.walk(root) for f in fs if "__pycache__" not in d)
+
+
+def test_nothing_is_written_into_the_package_dir(tmp_path, monkeypatch):
+  """Works with a read-only pycocoevalcap: all temporary files go to a private mirror."""
+  package = coco._package_dir()
+  before = _snapshot(package)
+  coco.coco_scores(REFS, CANDS)
+  assert _snapshot(package) == before
+  # And on a copy of the package whose directories really are read-only to its owner.
+  if os.geteuid() != 0:  # root ignores permission bits
+    copy = tmp_path / "pycocoevalcap"
+    shutil.copytree(package, copy, symlinks=True)
+    for d, _, _ in os.walk(copy):
+      os.chmod(d, 0o555)
+    monkeypatch.setattr(coco, "_package_dir", lambda: str(copy))
+    monkeypatch.setattr(coco, "_MIRROR", None)
+    assert coco.coco_scores(REFS, CANDS)["CIDEr"] > 0
+
+
+def test_missing_java_is_named(monkeypatch):
+  monkeypatch.setattr(shutil, "which", lambda name: None)
+  with pytest.raises(coco.MetricError, match="Java"):
+    coco.coco_scores(REFS, CANDS)
+
+
+def test_scores_with_the_package_mounted_read_only():
+  """The real thing: pycocoevalcap's directory on a read-only mount (a private mount namespace)."""
+  import subprocess
+  import sys
+  package = coco._package_dir()
+  probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+  if shutil.which("unshare") is None or probe.returncode != 0:
+    pytest.skip("needs unshare -m (root) to make a read-only mount")
+  code = ("from pdiff_jax.metrics.coco import coco_scores; import json; "
+          f"print(json.dumps(coco_scores({REFS!r}, {CANDS!r})))")
+  script = (f"mount --bind {package} {package} && mount -o remount,bind,ro {package} && "
+            f"! touch {package}/probe 2>/dev/null && {sys.executable} -c \"{code}\"")
+  r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  import json
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["CIDEr"] == pytest.approx(coco.coco_scores(REFS, CANDS)["CIDEr"])
