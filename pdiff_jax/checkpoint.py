@@ -45,12 +45,13 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, vocab=None) -> None:
-    """Saves asynchronously; `vocab` (a data.vocab.Vocab) is stored inside the checkpoint so a
-    model always decodes with its own words."""
+  def save(self, step: int, state: Any, extras: dict[str, Any] | None = None) -> None:
+    """Saves asynchronously. `extras` are small JSON items stored inside the checkpoint (the
+    vocabulary, feature statistics) so that a model always travels with what decodes it."""
     items = {"state": ocp.args.StandardSave(state)}
-    if vocab is not None:
-      items["vocab"] = ocp.args.JsonSave({"words": vocab.words, "min_count": vocab.min_count})
+    for name, value in (extras or {}).items():
+      if value is not None:
+        items[name] = ocp.args.JsonSave(value)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
@@ -84,9 +85,10 @@ class Checkpoints:
     self.manager.close()
 
 
-def restore_subtree(directory: str, abstract: dict, step: int | None = None) -> tuple[int, Any, Any]:
+def restore_subtree(directory: str, abstract: dict, step: int | None = None,
+                    extras: tuple[str, ...] = ("vocab", "feature_stats")) -> tuple[int, Any, dict]:
   """Restores only the named top-level entries of the saved state (e.g. `ema_params`, without
-  the optimizer state) and the vocabulary saved beside it (None if absent)."""
+  the optimizer state) and those of the JSON `extras` saved with it."""
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory}: no checkpoints (train first, or check --workdir)")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
@@ -100,14 +102,14 @@ def restore_subtree(directory: str, abstract: dict, step: int | None = None) -> 
     args = {"state": ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True)}
-    has_vocab = os.path.isdir(os.path.join(directory, str(step), "vocab"))
-    if has_vocab:
-      args["vocab"] = ocp.args.JsonRestore()
+    present = [n for n in extras if os.path.isdir(os.path.join(directory, str(step), n))]
+    for name in present:
+      args[name] = ocp.args.JsonRestore()
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many types for unreadable data
       raise CheckpointError(f"{directory}/{step}: unreadable checkpoint "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return step, restored["state"], restored["vocab"] if has_vocab else None
+    return step, restored["state"], {n: restored[n] for n in present}
   finally:
     manager.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -17,11 +18,13 @@ from ml_collections import config_flags
 USAGE = """usage: pdiff COMMAND [--flag=value ...]
 
 commands:
+  demo    --workdir=DIR [--fast]                                 the whole pipeline on embedded synthetic data
   extract --config=CFG [--config.key=value ...]                  CLIP features + vocabulary of every split
   train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
   caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--json] IMAGE...
   eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--sweep]
   score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
+  bench   [--config=CFG] --out=FILE [--parts=train,sample,clip]  throughput, FLOP/s and MFU here
   info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
 
 `pdiff COMMAND --help` lists a command's flags."""
@@ -169,6 +172,44 @@ class ScoreInputError(Exception):
   pass
 
 
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+
+
+def _flags_demo(fv: flags.FlagValues) -> None:
+  config_flags.DEFINE_config_file("config", DEMO_CONFIG, "Demo sizes (configs/demo.py).",
+                                  flag_values=fv, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where everything goes (resumes if re-run).", flag_values=fv,
+                      required=True)
+  flags.DEFINE_boolean("fast", False, "A much smaller run (tests; a couple of minutes).", flag_values=fv)
+
+
+def _cmd_demo(fv: flags.FlagValues) -> int:
+  from pdiff_jax import config as config_lib, demo
+  config_lib.validate(fv.config)
+  demo.run_demo(fv.config, fv.workdir, fast=fv.fast)
+  return 0
+
+
+PAPER_CONFIG = os.path.join(os.path.dirname(DEMO_CONFIG), "paper_coco.py")
+
+
+def _flags_bench(fv: flags.FlagValues) -> None:
+  config_flags.DEFINE_config_file("config", PAPER_CONFIG, "Config to measure (default: the paper's).",
+                                  flag_values=fv, lock_config=True)
+  flags.DEFINE_string("out", None, "JSON file for the figures.", flag_values=fv, required=True)
+  flags.DEFINE_list("parts", ["train", "sample", "clip"], "Which of train,sample,clip to measure.",
+                    flag_values=fv)
+
+
+def _cmd_bench(fv: flags.FlagValues) -> int:
+  from pdiff_jax import bench
+  bad = set(fv.parts) - {"train", "sample", "clip"}
+  if bad:
+    raise UsageError(f"--parts: unknown {', '.join(sorted(bad))}; expected train, sample, clip")
+  bench.run_bench(fv.config, fv.out, tuple(fv.parts))
+  return 0
+
+
 def _cmd_info(fv: flags.FlagValues) -> int:
   import jax
   from pdiff_jax import clip, config as config_lib, model as model_lib, sharding, train
@@ -194,6 +235,8 @@ COMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[..., int]
     "train": (_flags_train, _cmd_train),
     "caption": (_flags_caption, _cmd_caption),
     "eval": (_flags_eval, _cmd_eval),
+    "demo": (_flags_demo, _cmd_demo),
+    "bench": (_flags_bench, _cmd_bench),
     "score": (_flags_score, _cmd_score),
     "info": (lambda fv: _config_flag(fv), _cmd_info),
 }
@@ -250,23 +293,25 @@ def main(argv: list[str]) -> int:
   from pdiff_jax.data.features import FeatureStoreError
   from pdiff_jax.data.sources import SourceError
   from pdiff_jax.metrics.coco import MetricError
-  from pdiff_jax.train import TrainingDiverged
+  from pdiff_jax.train import TrainingDiverged, WorkdirLocked
   try:
     fv, positional = _parse(command, args)
+    from pdiff_jax import distributed
+    distributed.initialize()  # multi-process only when PDIFF_COORDINATOR / PDIFF_DISTRIBUTED say so
     if command in POSITIONAL:
       return COMMANDS[command][1](fv, positional)
     return COMMANDS[command][1](fv)
   except (UsageError, ConfigError) as e:
     print(f"pdiff {command}: {e}", file=sys.stderr)
     return 2
-  except (CheckpointError, TrainingDiverged, ClipLoadError, SourceError, FeatureStoreError,
+  except (CheckpointError, TrainingDiverged, WorkdirLocked, ClipLoadError, SourceError, FeatureStoreError,
           MetricError, ScoreInputError, FileNotFoundError, PermissionError) as e:
     print(f"pdiff {command}: {e}", file=sys.stderr)
     return 1
 
 
 def run() -> None:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
                       datefmt="%H:%M:%S")
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -157,6 +157,15 @@ class Clip:
     return np.asarray(out)[:n]
 
 
+def random_clip(arch: dict):
+  """(FlaxCLIPModel, random params, image size) of a given architecture, for speed measurements."""
+  from transformers import CLIPConfig, FlaxCLIPModel
+  config = CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
+                      projection_dim=arch["projection_dim"])
+  model = FlaxCLIPModel(config)
+  return model, model.params, arch["vision"]["image_size"]
+
+
 def load_clip_config(name: str):
   """CLIPConfig of a local `save_pretrained` directory or a hub name already in the local cache."""
   from transformers import CLIPConfig

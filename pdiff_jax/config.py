@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.restval_in_train = True
   c.data.tfds_data_dir = ""  # for tfds:NAME; empty = TFDS's default
   c.data.feature_dtype = "float32"  # or float16, halves the store
+  # Per-dimension standardisation of the CLIP features with train-split statistics (saved in
+  # every checkpoint). Off as in the original; helps a small CLIP whose features share a big mean.
+  c.data.standardize_features = False
   c.data.shard_size = 1024  # images per extraction shard (the unit of resume)
   c.data.max_image_pixels = 89_478_485  # larger images are refused, not decoded
   # Only for data.source == "synthetic": in-memory random features and captions.

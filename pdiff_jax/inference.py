@@ -38,6 +38,7 @@ class Bundle:
   params: Any  # {"params": EMA weights}
   vocab: Vocab
   step: int
+  feature_stats: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std) if trained standardised
 
 
 def load_bundle(workdir: str, step: int | None = None,
@@ -53,8 +54,8 @@ def load_bundle(workdir: str, step: int | None = None,
   replicated = NamedSharding(Mesh(np.asarray(devices or jax.local_devices()), ("data",)), P())
   abstract = {"ema_params": jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)}
-  step, state, vocab_json = ckpt_lib.restore_subtree(os.path.join(workdir, "checkpoints"),
-                                                     abstract, step)
+  step, state, extras = ckpt_lib.restore_subtree(os.path.join(workdir, "checkpoints"), abstract, step)
+  vocab_json = extras.get("vocab")
   if vocab_json is None:
     raise ckpt_lib.CheckpointError(
         f"{workdir}/checkpoints/{step}: no vocabulary saved with the checkpoint (trained on "
@@ -64,7 +65,10 @@ def load_bundle(workdir: str, step: int | None = None,
   if rows != len(vocab):
     raise ckpt_lib.CheckpointError(f"{workdir}/checkpoints/{step}: the vocabulary has {len(vocab)} "
                                    f"words but the model's embedding table {rows} rows")
-  return Bundle(config, model, {"params": state["ema_params"]}, vocab, step)
+  stats = extras.get("feature_stats")
+  if stats is not None:
+    stats = (np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32))
+  return Bundle(config, model, {"params": state["ema_params"]}, vocab, step, stats)
 
 
 def _dummy(config):
@@ -187,6 +191,9 @@ class Captioner:
     """Token ids (B, N, L) for B feature vectors; the batch is padded to fill the devices."""
     B = features_BF.shape[0]
     offsets = np.arange(B) if offsets is None else np.asarray(offsets)
+    if self.bundle.feature_stats is not None:  # the model saw standardised features
+      mean, std = self.bundle.feature_stats
+      features_BF = (np.asarray(features_BF, np.float32) - mean) / std
     pad = -B % self.mesh.devices.size
     feats = np.concatenate([features_BF, np.zeros((pad,) + features_BF.shape[1:], features_BF.dtype)])
     offsets = np.concatenate([offsets, np.full(pad, -1)])

@@ -49,6 +49,29 @@ class TrainingDiverged(RuntimeError):
   pass
 
 
+class WorkdirLocked(RuntimeError):
+  pass
+
+
+def _lock_workdir(workdir: str):
+  """An exclusive lock on workdir/.train.lock, released by the OS when the process dies."""
+  import fcntl
+  f = open(os.path.join(workdir, ".train.lock"), "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    raise WorkdirLocked(f"{workdir} is being trained by {holder}; wait for it or use another "
+                        "--workdir") from None
+  f.seek(0)
+  f.truncate()
+  f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+  f.flush()
+  return f
+
+
 def make_model(config: ml_collections.ConfigDict) -> PrefixDenoiser:
   return PrefixDenoiser(config_lib.model_config(config))
 
@@ -184,7 +207,12 @@ def load_splits(config):
         f"{manifest['max_len']}; extract again or set data.max_len={manifest['max_len']}")
   m.vocab_size = len(store.vocab)
   val = store.split("val") if manifest["splits"].get("val", {}).get("captions") else None
-  return store.split("train"), val, store.vocab
+  train_split = store.split("train")
+  if d.standardize_features:
+    mean, std = store.feature_stats()
+    standardize = lambda s: s._replace(features=((np.asarray(s.features, np.float32) - mean) / std))
+    train_split, val = standardize(train_split), None if val is None else standardize(val)
+  return train_split, val, store.vocab
 
 
 class _Stop:
@@ -253,12 +281,29 @@ def _duration(seconds: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices=None) -> TrainState:
-  """Trains to `config.train.num_steps`, resuming from the newest checkpoint in `workdir`."""
+  """Trains to `config.train.num_steps`, resuming from the newest checkpoint in `workdir`.
+
+  Process 0 holds a lock on the workdir for the whole run, so a second trainer started on the
+  same workdir refuses instead of interleaving checkpoints; a dead process holds no lock.
+  """
   config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
+  try:
+    return _train_and_evaluate(config, workdir, devices)
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices) -> TrainState:
   train_split, val_split, vocab = load_splits(config)
+  extras = {"vocab": None if vocab is None else {"words": vocab.words, "min_count": vocab.min_count}}
+  if config.data.source != "synthetic" and config.data.standardize_features:
+    mean, std = features_lib.FeatureStore(config.data.feature_dir).feature_stats()
+    extras["feature_stats"] = {"mean": mean.tolist(), "std": std.tolist()}
   mesh = sharding_lib.make_mesh(config, devices)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
@@ -334,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if done % t.checkpoint_every == 0 or done == total or stopping:
           finish(*pending)
           pending = None
-          ckpts.save(done, state, vocab)
+          ckpts.save(done, state, extras)
         if stopping:
           log.warning("stopped at step %d on request; checkpoint saved", done)
           break

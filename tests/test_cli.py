@@ -98,9 +98,31 @@ def test_sigterm_saves_and_exits_0(tmp_path):
   while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
     time.sleep(0.2)
+  # A second trainer on the same workdir refuses while the first holds it.
+  second = run_pdiff("train", "--config=configs/tiny.py", f"--workdir={w}", env=ONE_DEVICE)
+  assert second.returncode == 1 and f"is being trained by pid {proc.pid}" in second.stderr
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
   steps = os.listdir(os.path.join(w, "checkpoints"))
   assert len(steps) == 1 and 5 <= int(steps[0]) < 1000000
   assert f"stopped at step {steps[0]}" in err
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_leaves_no_lock(tmp_path):
+  w = str(tmp_path / "w")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "pdiff_jax", "train", "--config=configs/tiny.py", f"--workdir={w}",
+       "--config.train.num_steps=1000000", "--config.train.log_every=5"],
+      cwd=ROOT, env=dict(os.environ, **ONE_DEVICE), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(w, "checkpoints", "25")):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.2)
+  proc.kill()  # kill -9: no handler runs
+  proc.wait()
+  r = run_pdiff("train", "--config=configs/tiny.py", f"--workdir={w}", "--config.train.num_steps=30",
+                env=ONE_DEVICE)
+  assert r.returncode == 0, r.stderr
+  assert "resumed from step" in r.stderr

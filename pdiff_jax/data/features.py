@@ -225,6 +225,11 @@ class FeatureStore:
     except (OSError, ValueError) as e:
       raise FeatureStoreError(f"{self.dir}: split {name!r} is unreadable ({e})") from None
 
+  def feature_stats(self) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation of the train split's features (float32)."""
+    feats = np.asarray(self.split("train").features, np.float64)
+    return feats.mean(0).astype(np.float32), np.maximum(feats.std(0), 1e-6).astype(np.float32)
+
   def images(self, name: str) -> list[dict]:
     with open(os.path.join(self.dir, f"{name}_images.json")) as f:
       return json.load(f)

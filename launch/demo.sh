@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# README command 1: from a fresh clone, creates .venv if missing, installs, and runs the whole
+# pipeline on the embedded synthetic data into ./demo_out (re-running resumes). Extra arguments
+# go to `pdiff demo` (e.g. --fast).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements.txt -e .
+exec .venv/bin/pdiff demo --workdir=demo_out "$@"

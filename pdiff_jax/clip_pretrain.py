@@ -1,0 +1,89 @@
+"""Contrastive pre-training of a small CLIP (symmetric InfoNCE, optax) for the embedded demo.
+
+No pretrained CLIP can be downloaded here, and a random one gives features whose image-dependent
+part is ~400x smaller than their mean. So the demo trains a small FlaxCLIPModel on the shapes
+train split for a couple of minutes and saves it with `save_pretrained`; the pipeline then loads
+it by path, exactly as it would load `openai/clip-vit-large-patch14`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pdiff_jax import clip as clip_lib
+from pdiff_jax.data.images import load_image
+
+log = logging.getLogger(__name__)
+
+
+def _info_nce(params, pixels, ids, mask, model):
+  out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, params=params, train=False)
+  logits = out.logits_per_image  # (B, B), already scaled by exp(logit_scale)
+  labels = jnp.arange(logits.shape[0])
+  return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+
+
+def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[str]], words: list[str],
+                     *, steps: int, batch_size: int = 128, lr: float = 1e-3, seconds: float | None = None,
+                     seed: int = 0, image_size: int = 64, patch_size: int = 8, width: int = 128,
+                     layers: int = 3, heads: int = 4, projection_dim: int = 64,
+                     progress: bool = True) -> str:
+  """Trains on (image, one of its captions) pairs and saves to `out_dir` (kept if it exists)."""
+  from tqdm import tqdm
+  if os.path.exists(os.path.join(out_dir, "config.json")):
+    log.info("reusing the small CLIP in %s", out_dir)
+    return out_dir
+  tmp = out_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  clip_lib.save_small_clip(tmp, words=words, image_size=image_size, patch_size=patch_size,
+                           width=width, layers=layers, heads=heads, projection_dim=projection_dim,
+                           max_text_len=24, seed=seed)
+  clip = clip_lib.Clip.load(tmp, devices=jax.devices()[:1])
+  pixels = np.stack([clip.transform(load_image(p)) for p in image_paths])
+  per_image = len(captions[0])
+  ids, mask = clip.tokenize([c for caps in captions for c in caps])
+  ids = ids.reshape(len(captions), per_image, -1)
+  mask = mask.reshape(len(captions), per_image, -1)
+
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps)
+  tx = optax.adamw(schedule, weight_decay=0.1)
+  params = clip.params
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, pix, ids, mask):
+    loss, grads = jax.value_and_grad(functools.partial(_info_nce, model=clip.model))(params, pix, ids, mask)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  start = time.perf_counter()
+  bar = tqdm(total=steps, desc="small CLIP", unit="step", disable=not progress, dynamic_ncols=True)
+  loss = float("nan")
+  done = 0
+  for done in range(1, steps + 1):
+    idx = rng.choice(len(pixels), size=min(batch_size, len(pixels)), replace=False)
+    which = rng.integers(0, per_image, size=len(idx))
+    params, opt_state, loss = step(params, opt_state, pixels[idx], ids[idx, which], mask[idx, which])
+    bar.update(1)
+    if done % 25 == 0:
+      bar.set_postfix(loss=f"{float(loss):.3f}")
+    if seconds is not None and time.perf_counter() - start > seconds:
+      break
+  bar.close()
+  log.info("small CLIP: %d steps in %.0f s, final InfoNCE loss %.3f", done,
+           time.perf_counter() - start, float(loss))
+  clip.model.save_pretrained(tmp, params=jax.device_get(params))
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.replace(tmp, out_dir)
+  return out_dir
