@@ -4,16 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  echo "creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-# One resolve: the exact pins of requirements.txt, then the project (editable) with its extras.
-# torch is pinned as 2.13.0: a CPU build where one is on disk or PIP_EXTRA_INDEX_URL points to
-# https://download.pytorch.org/whl/cpu; otherwise pip takes PyPI's (larger) default build.
-.venv/bin/python -m pip install --quiet -r requirements.txt -e ".[test,tfds]"
+source launch/venv.sh "[test,tfds]"
 
 set +e
 .venv/bin/python -m pytest "$@"

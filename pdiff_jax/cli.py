@@ -76,10 +76,7 @@ def _cmd_extract(fv: flags.FlagValues) -> int:
   return 0
 
 
-def _flags_caption(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).",
-                      flag_values=fv, required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).", flag_values=fv)
+def _sampling_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("num_candidates", None, "Candidates per image (default: sampler.num_candidates).",
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("steps", None, "Denoising steps (default: sampler.steps).", lower_bound=1,
@@ -87,6 +84,13 @@ def _flags_caption(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same captions.", flag_values=fv)
   flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default: sampler.eta).", lower_bound=0.0,
                      upper_bound=1.0, flag_values=fv)
+
+
+def _flags_caption(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).",
+                      flag_values=fv, required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).", flag_values=fv)
+  _sampling_flags(fv)
   flags.DEFINE_boolean("json", False, "Print every candidate with its CLIP score, as JSON.",
                        flag_values=fv)
 
@@ -117,13 +121,7 @@ def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:
 def _flags_eval(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "A training workdir.", flag_values=fv, required=True)
   flags.DEFINE_string("split", "test", "Split of the feature store to evaluate.", flag_values=fv)
-  flags.DEFINE_integer("num_candidates", None, "Candidates per image (default: sampler.num_candidates).",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("steps", None, "Denoising steps (default: sampler.steps).", lower_bound=1,
-                       flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
-  flags.DEFINE_float("eta", None, "DDIM eta (default: sampler.eta).", lower_bound=0.0,
-                     upper_bound=1.0, flag_values=fv)
+  _sampling_flags(fv)
   flags.DEFINE_integer("max_images", None, "Evaluate only the first N images.", lower_bound=1,
                        flag_values=fv)
   flags.DEFINE_boolean("sweep", False, "Also sweep n (1, 2, 5, 10, 20) and sampling steps, and "

@@ -129,6 +129,19 @@ def create_state(model, tx, config, mesh, key):
     return init(key), abstract, shardings
 
 
+def restore_state(config, checkpoint_dir: str, devices=None, step: int | None = None):
+  """(step, TrainState) from `checkpoint_dir`, laid out on a mesh over `devices` (default: all),
+  whatever mesh wrote it."""
+  mesh = sharding_lib.make_mesh(config, devices)
+  model, tx = make_model(config), make_optimizer(config)
+  abstract, shardings = state_shardings(model, tx, config, mesh)
+  ckpts = ckpt_lib.Checkpoints(checkpoint_dir)
+  try:
+    return ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step)
+  finally:
+    ckpts.close()
+
+
 def loss_fn(params, batch, key, *, model: PrefixDenoiser, schedule: diffusion.Schedule,
             train: bool):
   """Mean three-term loss over the batch, and the per-term means."""

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from pdiff_jax import checkpoint as ckpt_lib
-from pdiff_jax import sharding as sharding_lib
 from pdiff_jax import train
 
 LAUNCH = os.path.join(ROOT, "launch", "multihost_local.sh")
@@ -17,14 +15,7 @@ LAUNCH = os.path.join(ROOT, "launch", "multihost_local.sh")
 
 def _restore(workdir, step):
   config = load_config("tiny", **{"mesh.shape": (1, 1)})
-  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  abstract, shardings = train.state_shardings(model, tx, config, mesh)
-  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"))
-  try:
-    return ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step)[1]
-  finally:
-    ckpts.close()
+  return train.restore_state(config, os.path.join(workdir, "checkpoints"), jax.devices()[:1], step)[1]
 
 
 def test_launch_script_syntax_and_dry_run():

@@ -112,11 +112,7 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
   ckpts.close()
 
   config1 = load_config("tiny", **{"mesh.shape": (1, 1)})
-  mesh1 = sharding_lib.make_mesh(config1, jax.devices()[:1])
-  model, tx = train.make_model(config1), train.make_optimizer(config1)
-  abstract, shardings = train.state_shardings(model, tx, config1, mesh1)
-  step, restored = ckpt_lib.Checkpoints(tmp_path / "ck").restore(
-      ckpt_lib.abstract_with_shardings(abstract, shardings))
+  step, restored = train.restore_state(config1, str(tmp_path / "ck"), jax.devices()[:1])
   assert step == 2 and int(restored.step) == 2
   leaf = restored.params["layer_0"]["attention"]["query"]["kernel"]
   assert leaf.sharding.device_set == {jax.devices()[0]}
@@ -135,11 +131,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
       if "manifest" in f or f.endswith(".ocdbt") or "d" == os.path.basename(root):
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"garbage")
-  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  abstract, shardings = train.state_shardings(model, tx, config, mesh)
-  step, restored = ckpt_lib.Checkpoints(tmp_path / "ck").restore(
-      ckpt_lib.abstract_with_shardings(abstract, shardings))
+  step, restored = train.restore_state(config, str(tmp_path / "ck"), jax.devices()[:1])
   assert step == 1 and int(restored.step) == 1
   assert "unreadable" in caplog.text
 
@@ -158,12 +150,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   monkeypatch.setattr(train, "load_splits", poisoned)
   with pytest.raises(train.TrainingDiverged, match="non-finite loss at step 8.*last good checkpoint is step 6"):
     train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
-  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints")
-  assert ckpts.latest_step() == 6
-  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  abstract, shardings = train.state_shardings(model, tx, config, mesh)
-  _, restored = ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings))
+  step, restored = train.restore_state(config, str(tmp_path / "checkpoints"), jax.devices()[:1])
+  assert step == 6
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(restored.params)))
 
 
