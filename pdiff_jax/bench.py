@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdiff_jax import clip as clip_lib
 from pdiff_jax import config as config_lib
 from pdiff_jax import model as model_lib
 from pdiff_jax import sampler as sampler_lib
@@ -25,22 +26,6 @@ from pdiff_jax import sharding as sharding_lib
 from pdiff_jax import train
 
 log = logging.getLogger(__name__)
-
-# Architectures of the usual hub CLIPs, so that encoding speed can be measured offline with
-# random weights of the right shape (speed does not depend on the weights).
-KNOWN_CLIPS = {
-    "openai/clip-vit-large-patch14": dict(
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                    num_attention_heads=16, patch_size=14, image_size=224),
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                  num_attention_heads=12), projection_dim=768),
-    "openai/clip-vit-base-patch32": dict(
-        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, patch_size=32, image_size=224),
-        text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=8), projection_dim=512),
-}
-
 
 def _time(fn, repeats: int) -> float:
   """Median seconds of `fn()` (which must block until its result is ready)."""
@@ -123,16 +108,15 @@ def bench_sample(config, repeats: int = 3) -> dict:
 
 
 def bench_clip(name: str, batch: int, repeats: int = 3) -> dict:
-  from pdiff_jax import clip as clip_lib
   source = name
   try:
     clip = clip_lib.Clip.load(name)
     model, params, size = clip.model, clip.params, clip.transform.crop_height
   except clip_lib.ClipLoadError as e:
-    if name not in KNOWN_CLIPS:
+    if name not in clip_lib.KNOWN_CLIPS:
       return {"images_per_sec": None, "reason": str(e)}
     try:
-      model, params, size = clip_lib.random_clip(KNOWN_CLIPS[name])
+      model, params, size = clip_lib.random_clip(clip_lib.KNOWN_CLIPS[name])
     except ImportError as e2:
       return {"images_per_sec": None, "reason": f"no FlaxCLIPModel here ({e2})"}
     source = f"{name} (random weights: not available offline)"

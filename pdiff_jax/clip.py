@@ -157,12 +157,32 @@ class Clip:
     return np.asarray(out)[:n]
 
 
+# Architectures of the usual hub CLIPs, so that sizes and encoding speed are known offline
+# (random weights of the right shape; speed does not depend on the weights).
+KNOWN_CLIPS = {
+    "openai/clip-vit-large-patch14": dict(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, patch_size=14, image_size=224),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12), projection_dim=768),
+    "openai/clip-vit-base-patch32": dict(
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, patch_size=32, image_size=224),
+        text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=8), projection_dim=512),
+}
+
+
+def _config_from_arch(arch: dict):
+  from transformers import CLIPConfig
+  return CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
+                    projection_dim=arch["projection_dim"])
+
+
 def random_clip(arch: dict):
   """(FlaxCLIPModel, random params, image size) of a given architecture, for speed measurements."""
-  from transformers import CLIPConfig, FlaxCLIPModel
-  config = CLIPConfig(text_config=arch["text"], vision_config=arch["vision"],
-                      projection_dim=arch["projection_dim"])
-  model = FlaxCLIPModel(config)
+  from transformers import FlaxCLIPModel
+  model = FlaxCLIPModel(_config_from_arch(arch))
   return model, model.params, arch["vision"]["image_size"]
 
 
@@ -174,11 +194,14 @@ def load_clip_config(name: str):
 
 def frozen_param_count(name: str) -> int | None:
   """Parameters of the CLIP model `name` (image and text towers), counted from its config
-  without allocating them; None when the config cannot be read offline."""
+  without allocating them (the known hub architectures need no download); None when the
+  config cannot be read."""
   try:
     config = load_clip_config(name)
   except (OSError, ValueError):
-    return None
+    if name not in KNOWN_CLIPS:
+      return None
+    config = _config_from_arch(KNOWN_CLIPS[name])
   from transformers import FlaxCLIPModel
   model = FlaxCLIPModel(config, _do_init=False)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(model.params_shape_tree))

@@ -47,6 +47,7 @@ def test_info_paper_config():
   assert info["trainable_params"] == 94_948_257
   assert info["flops_per_train_example"] * 128 == pytest.approx(1.95e12, rel=0.01)
   assert info["mesh"] == {"data": 1, "model": 1} and info["devices"] == 1
+  assert info["frozen_params"] == 427_616_513  # CLIP ViT-L/14, counted from its architecture
   assert set(info) == {"trainable_params", "frozen_params", "flops_per_train_example",
                        "flops_per_denoise_step", "mesh", "devices"}
 
