@@ -91,6 +91,7 @@ def restore_subtree(directory: str, abstract: dict, step: int | None = None,
   the optimizer state) and those of the JSON `extras` saved with it."""
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory}: no checkpoints (train first, or check --workdir)")
+  directory = os.path.abspath(directory)  # orbax needs absolute paths
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     steps = sorted(manager.all_steps())

@@ -105,7 +105,9 @@ def test_caption_command(trained_workdir, image_paths, tmp_path):
   out = json.loads(r.stdout)
   assert [o["image"] for o in out] == [png, jpg]
   assert all(len(o["candidates"]) == 3 and o["caption"] == o["candidates"][0]["caption"] for o in out)
-  r2 = run_pdiff("caption", f"--workdir={trained_workdir[0]}", "--num_candidates=3", "--steps=5",
+  # A relative --workdir works too (the command runs in the repository root).
+  relative = os.path.relpath(trained_workdir[0], os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  r2 = run_pdiff("caption", f"--workdir={relative}", "--num_candidates=3", "--steps=5",
                  png, jpg, env=env)
   assert r2.returncode == 0, r2.stderr
   lines = r2.stdout.strip().split("\n")
