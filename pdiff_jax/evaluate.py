@@ -104,7 +104,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
              captioner=None, out_dir: str | None = None) -> dict:
   """Samples every image of `split` from the feature store, reranks, scores; writes
   `workdir/eval/<split>/{metrics.json, captions.json, report.html}`."""
-  from pdiff_jax import clip as clip_lib, model as model_lib, report
+  from pdiff_jax import clip as clip_lib, model as model_lib
   from pdiff_jax.data.features import FeatureStore
   from pdiff_jax.inference import Captioner
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_pdiff, write_image
+from conftest import run_pdiff
 from pdiff_jax import clip as clip_lib
 from pdiff_jax.checkpoint import CheckpointError
 from pdiff_jax.inference import Captioner, load_bundle

@@ -46,7 +46,7 @@ def test_clip_scores_by_hand():
   c1 = 2.5 * np.cos(np.pi / 4)  # image 1: 45 degrees
   c2 = 0.0  # image 2: cos < 0 -> clipped
   assert out["CLIP-S"] == pytest.approx((c1 + c2) / 2)
-  r1, r2 = 2.5 * 1.0, 2.5 * 0.0
+  r1 = 2.5 * 1.0  # image 2: its caption points away from its only reference
   h1 = 2 * c1 * r1 / (c1 + r1)
   assert out["RefCLIP-S"] == pytest.approx((h1 + 0.0) / 2)
   assert clipscore.clip_scores(img, cap)["RefCLIP-S"] is None

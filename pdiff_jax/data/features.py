@@ -114,7 +114,7 @@ def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
 
 def _extract_shard(out, split, index, images, count, clip, batch_size, bar) -> None:
   features, ok, reasons = [], np.zeros(count, bool), {}
-  batch, positions = [], []
+  batch = []
 
   def flush():
     if batch:
