@@ -58,3 +58,26 @@ def test_failing_process_fails_the_launch(tmp_path):
   r = subprocess.run(["bash", LAUNCH, "2", "train", "--config=configs/missing.py", f"--workdir={tmp_path}"],
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0
+
+
+def test_gpu_and_tpu_pod_launch_dry_runs():
+  for script in ("gpu.sh", "tpu_pod.sh"):
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "launch", script)]).returncode == 0
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "gpu.sh"), "--dry_run", "configs/paper_coco.py",
+                      "runs/p", "--config.train.batch_size=256"], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  assert "jax[cuda12]==0.10.2" in r.stdout
+  assert r.stdout.strip().splitlines()[-1] == (
+      "+ .venv/bin/pdiff train --config=configs/paper_coco.py --workdir=runs/p --config.train.batch_size=256")
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "--dry_run", "pod", "us-central2-b",
+                      "v4-32", "configs/paper_coco.py", "gs://b/runs/p", "--config.data.feature_dir=gs://b/f"],
+                     capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.strip().splitlines()
+  assert lines[0].startswith("+ gcloud compute tpus tpu-vm create pod --zone us-central2-b --accelerator-type v4-32")
+  assert any("--worker=all" in l and "jax[tpu]==0.10.2" in l for l in lines)
+  assert "--worker=all" in lines[-1] and "PDIFF_DISTRIBUTED=auto nohup .venv/bin/pdiff train" in lines[-1]
+  assert "--workdir=gs://b/runs/p --config.data.feature_dir=gs://b/f" in lines[-1]
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "--dry_run", "pod"],
+                     capture_output=True, text=True)
+  assert r.returncode != 0 and "usage" in r.stderr

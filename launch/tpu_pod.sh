@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU pod slice: creates the TPU VM if it does not exist, copies this checkout
+# to every worker, sets up the pinned venv on each (idempotent), and starts `pdiff train` on all
+# workers at once under nohup, one log per worker. Data and workdir should be on a bucket
+# (gs://...) or a disk every worker sees. JAX finds the pod by itself (PDIFF_DISTRIBUTED=auto).
+#   usage: launch/tpu_pod.sh [--dry_run] NAME ZONE ACCELERATOR CONFIG WORKDIR [overrides...]
+# e.g.:   launch/tpu_pod.sh pdiff-v4 us-central2-b v4-32 configs/paper_coco.py gs://b/runs/paper \
+#           --config.data.feature_dir=gs://b/features_vitl14
+# Follow a worker: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command 'tail -f pdiff/train.log'
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dry=0
+if [ "${1:-}" = "--dry_run" ]; then dry=1; shift; fi
+usage="usage: tpu_pod.sh [--dry_run] NAME ZONE ACCELERATOR CONFIG WORKDIR [overrides...]"
+name=${1:?$usage}; zone=${2:?$usage}; accel=${3:?$usage}; config=${4:?$usage}; workdir=${5:?$usage}
+shift 5
+version=${PDIFF_TPU_VERSION:-tpu-ubuntu2204-base}
+jax_version=$(grep -E '^jax==' requirements.txt | cut -d= -f3)
+run() { echo "+ $*"; [ $dry = 1 ] || "$@"; }
+ssh_all() { run gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command "$1"; }
+
+if [ $dry = 1 ] || ! gcloud compute tpus tpu-vm describe "$name" --zone "$zone" >/dev/null 2>&1; then
+  run gcloud compute tpus tpu-vm create "$name" --zone "$zone" --accelerator-type "$accel" --version "$version"
+fi
+archive=$(mktemp -u /tmp/pdiff_jax.XXXXXX).tar.gz
+run tar czf "$archive" --exclude=.venv --exclude=.git --exclude=demo_out .
+run gcloud compute tpus tpu-vm scp "$archive" "$name:pdiff_jax.tar.gz" --zone "$zone" --worker=all
+ssh_all "mkdir -p pdiff && tar xzf pdiff_jax.tar.gz -C pdiff && cd pdiff && \
+  ( [ -x .venv/bin/python ] || python3 -m venv .venv ) && \
+  .venv/bin/pip install --quiet -c requirements.txt -e . 'jax[tpu]==$jax_version'"
+overrides=$(printf ' %q' "$@")
+ssh_all "cd pdiff && PDIFF_DISTRIBUTED=auto nohup .venv/bin/pdiff train --config=$config \
+  --workdir=$workdir$overrides > train.log 2>&1 < /dev/null &"
