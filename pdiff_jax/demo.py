@@ -19,6 +19,7 @@ import numpy as np
 from pdiff_jax import clip as clip_lib
 from pdiff_jax import clip_pretrain, evaluate, train
 from pdiff_jax.data import features, shapes
+from pdiff_jax.inference import rank_candidates
 from pdiff_jax.metrics import coco, diversity
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,12 @@ def run_demo(base_config, workdir: str, fast: bool = False, progress: bool = Tru
   attrs = [attributes[m["image_id"]] for m in meta]
   s = config.sampler
   n, steps = int(s.num_candidates), int(s.steps)
-  cands, scores = evaluate._sample_split(captioner, feats, feats, n, steps, config.seed, s.eta, progress)
-  ranked = evaluate._rank(cands, scores, n)
+  cands, scores = evaluate.sample_split(captioner, feats, feats, n, steps, config.seed, s.eta, progress)
+  ranked = rank_candidates(cands, scores, n)
   perm = np.random.default_rng(config.seed).permutation(len(feats))
-  shuffled_cands, shuffled_scores = evaluate._sample_split(captioner, feats[perm], feats[perm], n,
+  shuffled_cands, shuffled_scores = evaluate.sample_split(captioner, feats[perm], feats[perm], n,
                                                            steps, config.seed, s.eta, progress)
-  shuffled = evaluate._rank(shuffled_cands, shuffled_scores, n)
+  shuffled = rank_candidates(shuffled_cands, shuffled_scores, n)
   variants = {
       "model": _scores([r["caption"] for r in ranked], cands, refs, attrs),
       "shuffled_features": _scores([r["caption"] for r in shuffled], shuffled_cands, refs, attrs),

@@ -7,16 +7,14 @@ for any system's results file (`pdiff score`), so the two agree by construction.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
+from pdiff_jax.inference import rank_candidates
 from pdiff_jax.metrics import clipscore, coco, diversity
-
-log = logging.getLogger(__name__)
 
 SWEEP_CANDIDATES = (1, 2, 5, 10, 20)
 SWEEP_STEPS = (5, 10, 20, 50, 100, 200)
@@ -67,20 +65,7 @@ def markdown_table(metrics: dict, keys: Sequence[str] = TABLE_KEYS) -> str:
                     "| " + " | ".join(fmt(k) for k in keys) + " |"])
 
 
-def _rank(captions: list[list[str]], scores: np.ndarray | None, k: int) -> list[dict]:
-  out = []
-  for i, cands in enumerate(captions):
-    cands = cands[:k]
-    if k == 1 or scores is None:
-      ranked = [{"caption": cands[0], "score": None}]
-    else:
-      order = np.argsort(-scores[i, :k], kind="stable")
-      ranked = [{"caption": cands[j], "score": float(scores[i, j])} for j in order]
-    out.append({"caption": ranked[0]["caption"], "candidates": ranked})
-  return out
-
-
-def _sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int, steps: int,
+def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int, steps: int,
                   seed: int, eta: float, progress: bool) -> tuple[list[list[str]], np.ndarray | None]:
   """Unranked candidate captions (in candidate order) and their rerank cosines."""
   from tqdm import tqdm
@@ -132,8 +117,8 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
 
   rerank_emb = embeddings(captioner.rerank_clip)
   n_sample = max(n, max(SWEEP_CANDIDATES)) if sweep else n
-  captions, scores = _sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta, progress)
-  ranked = _rank(captions, scores, n)
+  captions, scores = sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta, progress)
+  ranked = rank_candidates(captions, scores, n)
 
   eval_clip_name = config.get("eval", {}).get("clip_model", "") or captioner.clip.name
   eval_clip = captioner.clip if eval_clip_name == captioner.clip.name else (
@@ -153,12 +138,12 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   if sweep:
     sweeps["candidates"] = []
     for k in SWEEP_CANDIDATES:
-      sub = [{**e, **r} for e, r in zip(entries, _rank(captions, scores, k))]
+      sub = [{**e, **r} for e, r in zip(entries, rank_candidates(captions, scores, k))]
       sweeps["candidates"].append({"n": k, **_cider_div2(sub)})
     sweeps["steps"] = []
     for st in sorted({x for x in SWEEP_STEPS if x <= max(steps, 20)} | {steps}):
-      cs, sc = _sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress)
-      sub = [{**e, **r} for e, r in zip(entries, _rank(cs, sc, n))]
+      cs, sc = sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress)
+      sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
       sweeps["steps"].append({"steps": st, **_cider_div2(sub)})
     metrics["sweep"] = sweeps
   metrics["seconds"] = time.perf_counter() - t0

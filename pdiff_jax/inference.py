@@ -89,6 +89,21 @@ def to_image(image) -> Image.Image:
   return images_lib.to_rgb(Image.fromarray(arr))
 
 
+def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None,
+                    k: int) -> list[dict]:
+  """The first k candidates of each image sorted by score, best first: [{"caption", "candidates"}].
+  Without scores (or k = 1) the first candidate is chosen and its score is None."""
+  out = []
+  for i, cands in enumerate(captions):
+    if k == 1 or scores is None:
+      ranked = [{"caption": cands[0], "score": None}]
+    else:
+      order = np.argsort(-scores[i, :k], kind="stable")
+      ranked = [{"caption": cands[j], "score": float(scores[i, j])} for j in order]
+    out.append({"caption": ranked[0]["caption"], "candidates": ranked})
+  return out
+
+
 class Captioner:
   """Diverse captions for images: n candidates per image, reranked by CLIP."""
 
@@ -176,15 +191,8 @@ class Captioner:
     """`caption` from precomputed CLIP features (and the rerank CLIP's image embeddings)."""
     tokens = self.sample_tokens(features_BF, num_candidates, steps, seed, eta, offsets)
     captions = [[self.bundle.vocab.decode(t) for t in cands] for cands in tokens]
-    if num_candidates > 1:
-      scores = self.rerank(rerank_emb_BF, captions)
-    results = []
-    for i, cands in enumerate(captions):
-      order = np.argsort(-scores[i], kind="stable") if num_candidates > 1 else [0]
-      ranked = [{"caption": cands[j], "score": None if num_candidates == 1 else float(scores[i, j])}
-                for j in order]
-      results.append({"caption": ranked[0]["caption"], "candidates": ranked})
-    return results
+    scores = self.rerank(rerank_emb_BF, captions) if num_candidates > 1 else None
+    return rank_candidates(captions, scores, num_candidates)
 
   def sample_tokens(self, features_BF: np.ndarray, num_candidates: int, steps: int, seed: int,
                     eta: float, offsets: np.ndarray | None = None) -> np.ndarray:
