@@ -211,6 +211,28 @@ def normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def _bpe(symbols: Sequence[str], merges: Sequence[tuple[str, str]]) -> list[str]:
+  """The pieces CLIP's BPE makes of `symbols` under `merges` (lowest rank first, as
+  `CLIPTokenizer.bpe` does)."""
+  ranks = {m: i for i, m in enumerate(merges)}
+  pieces = list(symbols)
+  while len(pieces) > 1:
+    pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(pieces, pieces[1:]))]
+    rank, _ = min(pairs)
+    if rank == len(ranks):
+      break
+    pair, merged, i = merges[rank], [], 0
+    while i < len(pieces):  # every occurrence, left to right
+      if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+        merged.append(pieces[i] + pieces[i + 1])
+        i += 2
+      else:
+        merged.append(pieces[i])
+        i += 1
+    pieces = merged
+  return pieces
+
+
 def save_small_clip(directory: str | os.PathLike, *, words: Sequence[str] = (), image_size: int = 32,
                     patch_size: int = 8, width: int = 64, layers: int = 2, heads: int = 4,
                     projection_dim: int = 32, max_text_len: int = 32, seed: int = 0,
@@ -227,26 +249,26 @@ def save_small_clip(directory: str | os.PathLike, *, words: Sequence[str] = (), 
 
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
-  chars = list(bytes_to_unicode().values())
+  byte_chars = bytes_to_unicode()
+  chars = list(byte_chars.values())
   vocab = chars + [c + "</w>" for c in chars]
-  merges = []
+  merges: list[tuple[str, str]] = []
   for word in dict.fromkeys(w.lower() for w in words if w):
-    symbols = [bytes_to_unicode()[b] for b in word.encode()]
-    if len(symbols) < 2:
-      continue
+    symbols = [byte_chars[b] for b in word.encode()]
     symbols[-1] += "</w>"
-    merged = symbols[0]
-    for s in symbols[1:]:
-      merges.append(f"{merged} {s}")
-      merged += s
-      if merged not in vocab:
-        vocab.append(merged)
-  merges = list(dict.fromkeys(merges))
+    # BPE applies the lowest-ranked merge first, so a merge made for an earlier word (say "r i"
+    # from "right") can split a later one ("triangle"). Replay the merges made so far and append
+    # one for the first pair left until the word is one symbol; a merge appended last never
+    # changes an earlier word's path, because each of its steps has a lower-ranked merge.
+    while len(pieces := _bpe(symbols, merges)) > 1:
+      merges.append((pieces[0], pieces[1]))
+      if pieces[0] + pieces[1] not in vocab:
+        vocab.append(pieces[0] + pieces[1])
   vocab += ["<|startoftext|>", "<|endoftext|>"]
   with open(os.path.join(directory, "vocab.json"), "w") as f:
     json.dump({t: i for i, t in enumerate(vocab)}, f)
   with open(os.path.join(directory, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
   tokenizer = CLIPTokenizer(os.path.join(directory, "vocab.json"),
                             os.path.join(directory, "merges.txt"), model_max_length=max_text_len)
   tokenizer.save_pretrained(directory)

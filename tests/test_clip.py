@@ -85,3 +85,18 @@ def test_load_errors_are_one_line(tmp_path):
 
 def test_frozen_param_count(clip_dir, clip):
   assert clip_lib.frozen_param_count(clip_dir) == clip.num_params
+
+
+def test_small_clip_makes_each_word_one_token(tmp_path):
+  # Words that share letter pairs ("right", "triangle", "purple", "plain") used to split each
+  # other under BPE's merge ranks; the demo's CLIP then saw "triangle" as 7 pieces.
+  from transformers import CLIPTokenizer
+  from pdiff_jax.data import shapes
+  words = shapes.vocabulary()
+  d = clip_lib.save_small_clip(tmp_path / "c", words=words)
+  tok = CLIPTokenizer.from_pretrained(d)
+  assert [w for w in words if len(tok.tokenize(w)) != 1] == []
+  ids = tok(" ".join(words))["input_ids"]
+  assert len(ids) == len(words) + 2 and len(set(ids[1:-1])) == len(words)
+  # Text outside the word list still tokenizes (falls back to smaller pieces), losslessly.
+  assert tok.decode(tok("a greenish trapezoid")["input_ids"], skip_special_tokens=True) == "a greenish trapezoid"
