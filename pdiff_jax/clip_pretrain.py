@@ -4,6 +4,12 @@ No pretrained CLIP can be downloaded here, and a random one gives features whose
 part is ~400x smaller than their mean. So the demo trains a small FlaxCLIPModel on the shapes
 train split for a couple of minutes and saves it with `save_pretrained`; the pipeline then loads
 it by path, exactly as it would load `openai/clip-vit-large-patch14`.
+
+Random grayscale (SimCLR's augmentation, here on half the images) is what makes it learn shape:
+without it a small ViT learns colour in a hundred steps and then loses the shape information a
+random one still has (MLP probe on 64-d features, shapes test split: 25% on single objects after
+2,000 steps, chance level). A grey image still has a caption that names its colours, so only the
+shape, size and position can match it. With it: 91% after 3,400 steps (300 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -33,11 +39,27 @@ def _info_nce(params, pixels, ids, mask, model):
                 + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
 
 
+def random_grayscale(pixels: np.ndarray, prob: float, transform: clip_lib.ImageTransform,
+                     rng: np.random.Generator) -> np.ndarray:
+  """Replaces each normalised (N, 3, H, W) image by its luminance (ITU-R 601, as PIL's "L") with
+  probability `prob`; returns a new array."""
+  grey = rng.random(len(pixels)) < prob
+  if not grey.any():
+    return pixels
+  mean = np.asarray(transform.mean, np.float32)[:, None, None]
+  std = np.asarray(transform.std, np.float32)[:, None, None]
+  rgb = pixels[grey] * std + mean
+  luma = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+  out = pixels.copy()
+  out[grey] = (luma - mean) / std
+  return out
+
+
 def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[str]], words: list[str],
-                     *, steps: int, batch_size: int = 128, lr: float = 1e-3, seconds: float | None = None,
-                     seed: int = 0, image_size: int = 64, patch_size: int = 8, width: int = 128,
-                     layers: int = 3, heads: int = 4, projection_dim: int = 64,
-                     progress: bool = True) -> str:
+                     *, steps: int, batch_size: int = 64, lr: float = 1e-3, seconds: float | None = None,
+                     seed: int = 0, image_size: int = 32, patch_size: int = 4, width: int = 64,
+                     layers: int = 2, heads: int = 4, projection_dim: int = 64, max_text_len: int = 16,
+                     grayscale_prob: float = 0.5, warmup_steps: int = 50, progress: bool = True) -> str:
   """Trains on (image, one of its captions) pairs and saves to `out_dir` (kept if it exists)."""
   from tqdm import tqdm
   if os.path.exists(os.path.join(out_dir, "config.json")):
@@ -47,7 +69,7 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   shutil.rmtree(tmp, ignore_errors=True)
   clip_lib.save_small_clip(tmp, words=words, image_size=image_size, patch_size=patch_size,
                            width=width, layers=layers, heads=heads, projection_dim=projection_dim,
-                           max_text_len=24, seed=seed)
+                           max_text_len=max_text_len, seed=seed)
   clip = clip_lib.Clip.load(tmp, devices=jax.devices()[:1])
   pixels = np.stack([clip.transform(load_image(p)) for p in image_paths])
   per_image = len(captions[0])
@@ -55,7 +77,7 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   ids = ids.reshape(len(captions), per_image, -1)
   mask = mask.reshape(len(captions), per_image, -1)
 
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, steps // 10 + 1), steps)
   tx = optax.adamw(schedule, weight_decay=0.1)
   params = clip.params
   opt_state = tx.init(params)
@@ -74,7 +96,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   for done in range(1, steps + 1):
     idx = rng.choice(len(pixels), size=min(batch_size, len(pixels)), replace=False)
     which = rng.integers(0, per_image, size=len(idx))
-    params, opt_state, loss = step(params, opt_state, pixels[idx], ids[idx, which], mask[idx, which])
+    batch = random_grayscale(pixels[idx], grayscale_prob, clip.transform, rng)
+    params, opt_state, loss = step(params, opt_state, batch, ids[idx, which], mask[idx, which])
     bar.update(1)
     if done % 25 == 0:
       bar.set_postfix(loss=f"{float(loss):.3f}")

@@ -24,9 +24,9 @@ from pdiff_jax.metrics import coco, diversity
 
 log = logging.getLogger(__name__)
 
-FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 600, "clip_seconds": 240,
+FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 2600, "clip_seconds": 270,
         "train_steps": None}
-FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 60, "clip_seconds": 40,
+FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 300, "clip_seconds": 40,
         "train_steps": 200}
 
 

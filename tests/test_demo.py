@@ -40,6 +40,23 @@ def test_the_object_is_where_the_caption_says(tmp_path):
   assert len(shapes.ONE) >= 12 and len(shapes.TWO) >= 12
 
 
+def test_random_grayscale_gives_pil_luminance(clip_dir):
+  from pdiff_jax import clip as clip_lib
+  from pdiff_jax.clip_pretrain import random_grayscale
+  transform = clip_lib.Clip.load(clip_dir).transform
+  images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)) for i in range(6)]
+  pixels = np.stack([transform(im) for im in images])
+  assert random_grayscale(pixels, 0.0, transform, np.random.default_rng(0)) is pixels
+  out = random_grayscale(pixels, 1.0, transform, np.random.default_rng(0))
+  expected = np.stack([transform(im.convert("L").convert("RGB")) for im in images])
+  # PIL rounds luminance to 8 bits: half a grey level, over the smallest CLIP std.
+  np.testing.assert_allclose(out, expected, atol=0.6 / 255 / min(transform.std) + 1e-6)
+  half = random_grayscale(pixels, 0.5, transform, np.random.default_rng(1))
+  grey = [np.allclose(h, e, atol=0.01) for h, e in zip(half, expected)]
+  kept = [np.array_equal(h, p) for h, p in zip(half, pixels)]
+  assert all(g != k for g, k in zip(grey, kept)) and 0 < sum(grey) < len(images)
+
+
 @pytest.mark.slow
 def test_demo_fast_end_to_end(tmp_path):
   w = tmp_path / "demo"
