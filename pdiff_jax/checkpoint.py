@@ -6,6 +6,7 @@ the shardings, so a checkpoint written on one mesh restores on another.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -52,7 +53,31 @@ class Checkpoints:
     for name, value in (extras or {}).items():
       if value is not None:
         items[name] = ocp.args.JsonSave(value)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._failures(f"saving step {step}"):
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  @contextlib.contextmanager
+  def _failures(self, what: str):
+    """A failed write (a full disk, a lost mount) becomes one CheckpointError that says which
+    complete checkpoint is still there; orbax only renames a step into place once it is whole."""
+    try:
+      yield
+    except Exception as e:  # orbax re-raises a background write's error in many types
+      cause = e
+      while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+      reason = next((f"{type(c).__name__}: {str(c).splitlines()[0]}" for c in (cause, e) if str(c)),
+                    type(e).__name__)
+      self.manager.reload()
+      kept = self.manager.latest_step()
+      raise CheckpointError(f"{what} to {self.directory} failed ({reason}); "
+                            + (f"the checkpoint of step {kept} is intact" if kept is not None
+                               else "no earlier checkpoint")) from e
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the same step once any process got SIGTERM (JAX's preemption
+    sync point, through orbax); to be called at every step. False in single-process runs."""
+    return self.manager.reached_preemption(step)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
     """Restores `step` (default: the newest readable one) into the shardings of `abstract_state`.
@@ -78,11 +103,14 @@ class Checkpoints:
         e.splitlines()[0] for e in errors))
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._failures("saving"):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def restore_subtree(directory: str, abstract: dict, step: int | None = None,

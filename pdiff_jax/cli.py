@@ -41,6 +41,24 @@ def _config_flag(fv: flags.FlagValues, required: bool = True) -> None:
     flags.mark_flag_as_required("config", flag_values=fv)
 
 
+def _distributed_flags(fv: flags.FlagValues) -> None:
+  """--coordinator_address/--num_processes/--process_id: join a multi-process run (the same as
+  PDIFF_COORDINATOR/PDIFF_NUM_PROCESSES/PDIFF_PROCESS_ID; PDIFF_DISTRIBUTED=auto on TPU pods)."""
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator; every "
+                      "process of a multi-process run passes the same one.", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Number of processes in the run.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.",
+                       lower_bound=0, flag_values=fv)
+
+
+def _with_distributed(define: Callable[[flags.FlagValues], None]) -> Callable[[flags.FlagValues], None]:
+  def both(fv: flags.FlagValues) -> None:
+    define(fv)
+    _distributed_flags(fv)
+  return both
+
+
 def _flags_train(fv: flags.FlagValues) -> None:
   _config_flag(fv)
   flags.DEFINE_string("workdir", None, "Where checkpoints, config.json and metrics.jsonl go.",
@@ -229,12 +247,12 @@ def _cmd_info(fv: flags.FlagValues) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[..., int]]] = {
-    "extract": (lambda fv: _config_flag(fv), _cmd_extract),
-    "train": (_flags_train, _cmd_train),
+    "extract": (_with_distributed(_config_flag), _cmd_extract),
+    "train": (_with_distributed(_flags_train), _cmd_train),
     "caption": (_flags_caption, _cmd_caption),
-    "eval": (_flags_eval, _cmd_eval),
+    "eval": (_with_distributed(_flags_eval), _cmd_eval),
     "demo": (_flags_demo, _cmd_demo),
-    "bench": (_flags_bench, _cmd_bench),
+    "bench": (_with_distributed(_flags_bench), _cmd_bench),
     "score": (_flags_score, _cmd_score),
     "info": (lambda fv: _config_flag(fv), _cmd_info),
 }
@@ -295,7 +313,12 @@ def main(argv: list[str]) -> int:
   try:
     fv, positional = _parse(command, args)
     from pdiff_jax import distributed
-    distributed.initialize()  # multi-process only when PDIFF_COORDINATOR / PDIFF_DISTRIBUTED say so
+    # Multi-process only when the flags, PDIFF_COORDINATOR or PDIFF_DISTRIBUTED=auto say so.
+    given = {k: fv[k].value for k in ("coordinator_address", "num_processes", "process_id") if k in fv}
+    try:
+      distributed.initialize(**given)
+    except ValueError as e:
+      raise UsageError(str(e)) from None
     if command in POSITIONAL:
       return COMMANDS[command][1](fv, positional)
     return COMMANDS[command][1](fv)

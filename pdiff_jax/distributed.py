@@ -29,6 +29,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if coordinator_address is not None and (num_processes is None or process_id is None):
     raise ValueError("a coordinator address needs --num_processes and --process_id "
                      "(or PDIFF_NUM_PROCESSES and PDIFF_PROCESS_ID)")
+  if coordinator_address is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} is not in 0 .. {num_processes - 1} (--num_processes)")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used by the CPU backend only
   if auto:
     jax.distributed.initialize()

@@ -229,7 +229,9 @@ def load_splits(config):
 
 
 class _Stop:
-  """Set by SIGTERM (preemption): the loop saves a checkpoint at the next step and exits."""
+  """Set by SIGTERM (preemption) in a single-process run: the loop saves a checkpoint at the next
+  step and exits. Multi-process runs leave SIGTERM to JAX's preemption service instead (see
+  `Checkpoints.reached_preemption`), so that every process saves at the same step."""
 
   def __init__(self):
     self.requested = False
@@ -349,7 +351,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   total = int(t.num_steps)
   metrics_log = _MetricsLog(workdir, start, total, is_main)
   stop = _Stop()
-  previous_handler = signal.signal(signal.SIGTERM, stop)
+  multi_process = jax.process_count() > 1
+  previous_handler = None if multi_process else signal.signal(signal.SIGTERM, stop)
 
   def batch_at(split, step):
     local = pipeline.local_batch(split, step, t.batch_size, config.seed, jax.process_index(),
@@ -388,7 +391,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
         if pending is not None:  # fetched one step late so the host never waits on the device
           finish(*pending)
         done, pending = step + 1, (step + 1, metrics)
-        stopping = stop.requested  # read once: a signal arriving later is handled next step
+        # Read once: a signal arriving later is handled next step. With several processes a
+        # SIGTERM on any of them makes all agree on one step to save at (a collective).
+        stopping = ckpts.reached_preemption(done) if multi_process else stop.requested
         if done % t.checkpoint_every == 0 or done == total or stopping:
           finish(*pending)
           pending = None
@@ -401,7 +406,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
       if pending is not None:
         finish(*pending)
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
     ckpts.close()
     metrics_log.close()
   return state

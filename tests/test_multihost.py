@@ -81,3 +81,40 @@ def test_gpu_and_tpu_pod_launch_dry_runs():
   r = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "--dry_run", "pod"],
                      capture_output=True, text=True)
   assert r.returncode != 0 and "usage" in r.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_all_at_one_step(tmp_path):
+  """A preemption notice (SIGTERM) to one process of two: JAX's preemption service makes both save
+  the same step and exit 0; the run then resumes from it."""
+  import signal
+  import sys
+  import time
+  w = str(tmp_path / "w")
+  port = subprocess.run([sys.executable, "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); "
+                         "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  args = ["train", "--config=configs/tiny.py", f"--workdir={w}", "--config.train.num_steps=1000000",
+          "--config.train.checkpoint_every=1000000", "--config.train.log_every=5",
+          "--config.train.eval_every=1000000", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-m", "pdiff_jax", *args, f"--process_id={i}"], cwd=ROOT, env=env,
+                            stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+  try:
+    metrics = os.path.join(w, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+      assert all(p.poll() is None for p in procs) and time.time() < deadline, open(logs[0].name).read()[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  out = [open(l.name).read() for l in logs]
+  assert codes == [0, 0], out[0][-2000:] + out[1][-2000:]
+  steps = os.listdir(os.path.join(w, "checkpoints"))
+  assert len(steps) == 1 and 5 <= int(steps[0]) < 1000000
+  assert all(f"stopped at step {steps[0]}" in o for o in out)
+  assert int(_restore(w, int(steps[0])).step) == int(steps[0])
