@@ -4,8 +4,8 @@ r"""The embedded demo: Prefix-diffusion on the synthetic captioned-shapes set wi
 
 `pdiff demo` fills in the data paths and the CLIP under its workdir; this file holds the sizes.
 A 3-layer, 128-wide denoiser (FFN 512, 16-d words, 12 tokens, k=5 prefix) trained for 1,500
-steps of batch 128 on the CPU. Expect (2-core CPU, ~10 minutes for the whole demo) colour word
-accuracy ~95%+, shape word accuracy ~85%+, and 10 diverse candidates per image.
+steps of batch 128 on the CPU. Measured (2-core CPU, 13.6 minutes for the whole demo): colour
+words right 93.6%, shape words 68.4%, CIDEr 187.6, and 10 diverse candidates per image (Div-2 0.52).
 """
 
 from pdiff_jax.config import base_config
