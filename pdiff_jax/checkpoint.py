@@ -39,6 +39,7 @@ class Checkpoints:
         read_only=read_only,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unfinished: int | None = None  # the step of a save that may still be writing
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -53,6 +54,8 @@ class Checkpoints:
     for name, value in (extras or {}).items():
       if value is not None:
         items[name] = ocp.args.JsonSave(value)
+    self.wait()  # a background save that failed is reported under its own step
+    self._unfinished = step
     with self._failures(f"saving step {step}"):
       self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -68,11 +71,14 @@ class Checkpoints:
         cause = cause.__cause__ or cause.__context__
       reason = next((f"{type(c).__name__}: {str(c).splitlines()[0]}" for c in (cause, e) if str(c)),
                     type(e).__name__)
-      self.manager.reload()
-      kept = self.manager.latest_step()
+      try:
+        self.manager.reload()
+        kept = self.manager.latest_step()
+      except Exception:  # the directory itself may be gone (a lost mount)
+        kept = None
       raise CheckpointError(f"{what} to {self.directory} failed ({reason}); "
                             + (f"the checkpoint of step {kept} is intact" if kept is not None
-                               else "no earlier checkpoint")) from e
+                               else "no complete checkpoint found")) from e
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the same step once any process got SIGTERM (JAX's preemption
@@ -103,8 +109,9 @@ class Checkpoints:
         e.splitlines()[0] for e in errors))
 
   def wait(self) -> None:
-    with self._failures("saving"):
+    with self._failures(f"saving step {self._unfinished}"):
       self.manager.wait_until_finished()
+    self._unfinished = None
 
   def close(self) -> None:
     try:

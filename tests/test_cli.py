@@ -65,6 +65,10 @@ def test_info_vitb32_config():
     (["--config.train.nope=1"], "nope"),
     (["--config.mesh.shape=(3,1)"], "config.mesh.shape"),
     (["--bogus=1"], "bogus"),
+    (["--config.data.source=karpathy:/nonexistent.json", "--config.data.feature_dir=/nonexistent"],
+     "config.data.feature_dir: /nonexistent: no manifest.json"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2 is not in 0 .. 1"),
+    (["--coordinator_address=127.0.0.1:1"], "needs --num_processes and --process_id"),
 ])
 def test_bad_usage_exits_2_naming_the_key(args, expected, tmp_path):
   r = run_pdiff("train", "--config=configs/tiny.py", f"--workdir={tmp_path}", *args, env=ONE_DEVICE)
@@ -148,7 +152,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, delay=0.3):
 
 @pytest.mark.slow
 def test_full_disk_while_saving_stops_cleanly(tmp_path):
-  """The workdir on a tmpfs with room for one checkpoint: the second save fails, the run stops
+  """The workdir on a tmpfs with room for one checkpoint: the second (asynchronous) save fails, the run stops
   with a one-line error naming the intact checkpoint, and that checkpoint still restores."""
   import shutil
   import jax
@@ -159,8 +163,7 @@ def test_full_disk_while_saving_stops_cleanly(tmp_path):
   w = tmp_path / "w"
   w.mkdir()
   cmd = [sys.executable, "-m", "pdiff_jax", "train", "--config=configs/tiny.py", f"--workdir={w}",
-         "--config.train.num_steps=30", "--config.train.checkpoint_every=10", "--config.train.eval_every=1000",
-         "--config.train.async_checkpointing=false"]
+         "--config.train.num_steps=30", "--config.train.checkpoint_every=10", "--config.train.eval_every=1000"]
   # One tiny-config checkpoint takes ~660 KB (params, EMA and two Adam moments plus metadata).
   # The mount ends with the namespace, so what is left on it is copied out for the restore below.
   script = (f"mount -t tmpfs -o size=900k tmpfs {w} && {{ " + " ".join(cmd) +
