@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_dropout = 0.1
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
+  c.model.scan_layers = False  # encoder layers as one nn.scan: compile time flat in depth
+  c.model.remat = False  # recompute each layer's activations in the backward pass (saves memory)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "trunc_cos"
@@ -195,7 +197,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, word_dim=m.word_dim, max_len=config.data.max_len,
       max_position=m.max_position, time_embed_dim=m.time_embed_dim, time_hidden=m.time_hidden,
       dropout=m.dropout, attention_dropout=m.attention_dropout, dtype=DTYPES[m.dtype],
-      param_dtype=DTYPES[m.param_dtype])
+      param_dtype=DTYPES[m.param_dtype], scan_layers=bool(m.get("scan_layers", False)),
+      remat=bool(m.get("remat", False)))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

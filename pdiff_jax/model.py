@@ -59,6 +59,10 @@ class ModelConfig:
   attention_dropout: float = 0.1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # The encoder layers as one `nn.scan` (parameters stacked on a leading "layers" axis): compile
+  # time stays flat in depth. `remat` recomputes each layer's activations in the backward pass.
+  scan_layers: bool = False
+  remat: bool = False
 
 
 class Dense(nn.Module):
@@ -130,8 +134,10 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """Post-LN BERT block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+  """Post-LN BERT block: x = LN(x + attn(x)); x = LN(x + ffn(x)). As the body of `nn.scan`
+  (`scanned`), it returns (x, None): the carry and no per-layer output."""
   cfg: ModelConfig
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, deterministic: bool):
@@ -146,7 +152,29 @@ class EncoderLayer(nn.Module):
     h_BTD = Dense(cfg.hidden_size, ("mlp", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   name="output")(h_BTF)
     x_BTD = layer_norm("output_ln", cfg)(x_BTD + drop(h_BTD))
-    return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    return (x_BTD, None) if self.scanned else x_BTD
+
+
+def encoder_stack(cfg: ModelConfig):
+  """The encoder layers: a list of `EncoderLayer` ("layer_0" ...), or with `cfg.scan_layers` one
+  scanned "layers" module whose parameters carry a leading (num_layers,) "layers" axis. Either way
+  `apply(stack, x, deterministic)` runs them all; `remat` wraps each layer in `nn.remat`."""
+  layer = nn.remat(EncoderLayer, static_argnums=(2,)) if cfg.remat else EncoderLayer
+  if not cfg.scan_layers:
+    return [layer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+  scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=nn.broadcast, length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  return scanned(cfg, scanned=True, name="layers")
+
+
+def apply_stack(stack, x_BTD: jax.Array, deterministic: bool) -> jax.Array:
+  if isinstance(stack, (list, tuple)):
+    for layer in stack:
+      x_BTD = layer(x_BTD, deterministic)
+    return x_BTD
+  return stack(x_BTD, deterministic)[0]
 
 
 class Mapper(nn.Module):
@@ -193,7 +221,7 @@ class PrefixDenoiser(nn.Module):
                                             ("position", "embed"), cfg)
     self.text_ln = layer_norm("text_ln", cfg)
     self.prefix_ln = layer_norm("prefix_ln", cfg)
-    self.layers = [EncoderLayer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.layers = encoder_stack(cfg)
     self.down_fc1 = dense(cfg.hidden_size, ("embed", "embed_out"), "down_fc1")
     self.down_fc2 = dense(cfg.word_dim, ("embed", "word"), "down_fc2")
     self.dropout = nn.Dropout(cfg.dropout)
@@ -229,8 +257,7 @@ class PrefixDenoiser(nn.Module):
 
     h_BTD = jnp.concatenate([text_BLD, prefix_BPD], axis=1)
     h_BTD = nn.with_logical_constraint(h_BTD, ("batch", "length", "embed"))
-    for layer in self.layers:
-      h_BTD = layer(h_BTD, deterministic)
+    h_BTD = apply_stack(self.layers, h_BTD, deterministic)
     h_BLD = h_BTD[:, :length]
     x0_BLW = self.down_fc2(drop(jnp.tanh(self.down_fc1(h_BLD))))
     return x0_BLW.astype(jnp.float32)
