@@ -122,9 +122,12 @@ def bench_clip(name: str, batch: int, repeats: int = 3) -> dict:
     source = f"{name} (random weights: not available offline)"
   fn = jax.jit(lambda p, x: model.get_image_features(pixel_values=x, params=p))
   x = jax.random.normal(jax.random.key(0), (batch, 3, size, size))
+  t = time.perf_counter()
   fn(params, x).block_until_ready()
+  compile_s = time.perf_counter() - t
   seconds = _time(lambda: fn(params, x).block_until_ready(), repeats)
-  return {"images_per_sec": batch / seconds, "batch_size": batch, "model": source}
+  return {"images_per_sec": batch / seconds, "batch_size": batch, "model": source,
+          "compile_seconds": compile_s}
 
 
 def run_bench(config, out: str, parts=("train", "sample", "clip")) -> dict:

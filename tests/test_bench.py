@@ -1,0 +1,48 @@
+"""`pdiff bench` on the tiny config, as a user runs it: every figure of the CONTRACT's JSON is
+there, positive, and consistent with the FLOPs counted from the config."""
+
+import json
+
+import pytest
+
+from conftest import load_config, run_pdiff
+from pdiff_jax import config as config_lib
+from pdiff_jax import model as model_lib
+
+
+def test_bench_tiny_writes_every_figure(tmp_path, clip_dir):
+  out = tmp_path / "b.json"
+  r = run_pdiff("bench", "--config=configs/tiny.py", f"--out={out}", f"--config.clip.model={clip_dir}",
+                "--config.clip.batch_size=4", env={"XLA_FLAGS": ""})
+  assert r.returncode == 0, r.stderr[-3000:]
+  b = json.loads(out.read_text())
+  assert b["num_devices"] == 1 and b["backend"] == "cpu" and b["device"].startswith("1 x ")
+  assert b["matmul_flops_per_sec"] > 1e8
+
+  config = load_config("tiny")
+  cfg = config_lib.model_config(config)
+  t = b["train"]
+  for key in ("examples_per_sec", "tokens_per_sec", "flops_per_sec", "mfu", "compile_seconds"):
+    assert t[key] > 0, key
+  assert t["tokens_per_sec"] == pytest.approx(t["examples_per_sec"] * config.data.max_len)
+  assert t["flops_per_sec"] == pytest.approx(t["examples_per_sec"] * model_lib.train_flops_per_example(cfg))
+  assert t["mfu"] == pytest.approx(t["flops_per_sec"] / b["matmul_flops_per_sec"])
+
+  s = b["sample"]
+  assert (s["num_candidates"], s["steps"]) == (config.sampler.num_candidates, config.sampler.steps)
+  for key in ("images_per_sec", "candidates_per_sec", "compile_seconds", "mfu"):
+    assert s[key] > 0, key
+  assert s["candidates_per_sec"] == pytest.approx(s["images_per_sec"] * s["num_candidates"])
+  assert s["flops_per_sec"] == pytest.approx(
+      s["images_per_sec"] * s["num_candidates"] * s["steps"] * model_lib.denoise_step_flops(cfg))
+
+  assert b["clip"]["images_per_sec"] > 0 and b["clip"]["model"] == str(clip_dir)
+  assert b["clip"]["compile_seconds"] > 0
+  # The printed table carries the same figures.
+  assert f"MFU {100 * t['mfu']:.0f}%" in r.stdout and "images/s" in r.stdout
+
+
+def test_bench_unknown_part_is_bad_usage(tmp_path):
+  r = run_pdiff("bench", "--config=configs/tiny.py", f"--out={tmp_path / 'b.json'}", "--parts=train,gpu",
+                env={"XLA_FLAGS": ""})
+  assert r.returncode == 2 and "--parts: unknown gpu" in r.stderr
