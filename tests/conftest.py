@@ -1,5 +1,5 @@
 """Eight fake CPU devices for every test, set before JAX starts, so that sharded runs can be
-compared with single-device ones in one process."""
+compared with single-device ones in one process; and one compilation cache for the session."""
 
 import os
 import sys
@@ -9,6 +9,18 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instead of retrying
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for the whole session, shared with the subprocesses the tests
+# start: the same tiny train step is compiled by a dozen command-line runs, and a cache hit turns
+# ~10 s of XLA compilation into a file read. Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix="pdiff-tests-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import pytest  # noqa: E402
 
