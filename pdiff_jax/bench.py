@@ -49,7 +49,7 @@ def matmul_rate(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> fl
 
 def _peak_memory() -> int | None:
   try:
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
   except Exception:  # backends without memory stats
     return None
   return None if not stats else stats.get("peak_bytes_in_use")
@@ -149,9 +149,11 @@ def run_bench(config, out: str, parts=("train", "sample", "clip")) -> dict:
   if "clip" in parts:
     result["clip"] = bench_clip(config.clip.model, int(config.clip.batch_size))
   result["peak_memory_bytes"] = _peak_memory()
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(table(result))
+  result["num_processes"] = jax.process_count()
+  if jax.process_index() == 0:  # the train figures are global; the others are process 0's own
+    with open(out, "w") as f:
+      json.dump(result, f, indent=1)
+    print(table(result))
   return result
 
 

@@ -65,22 +65,51 @@ def markdown_table(metrics: dict, keys: Sequence[str] = TABLE_KEYS) -> str:
                     "| " + " | ".join(fmt(k) for k in keys) + " |"])
 
 
+def process_share(num_items: int) -> tuple[int, int, int]:
+  """(start, stop, per_process): this process's contiguous share of `num_items`."""
+  import jax
+  per = -(-num_items // jax.process_count())
+  start = min(num_items, jax.process_index() * per)
+  return start, min(num_items, start + per), per
+
+
+def _gather(local: np.ndarray, per: int, total: int) -> np.ndarray:
+  """Every process's share, padded to `per` rows, concatenated in process order -> `total` rows."""
+  import jax
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  padded = np.concatenate([local, np.zeros((per - len(local),) + local.shape[1:], local.dtype)])
+  return np.asarray(multihost_utils.process_allgather(padded, tiled=True))[:total]
+
+
 def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int, steps: int,
-                  seed: int, eta: float, progress: bool) -> tuple[list[list[str]], np.ndarray | None]:
-  """Unranked candidate captions (in candidate order) and their rerank cosines."""
+                 seed: int, eta: float, progress: bool) -> tuple[list[list[str]], np.ndarray | None]:
+  """Unranked candidate captions (in candidate order) and their rerank cosines.
+
+  In a multi-process run each process samples and reranks its own share of the images on its own
+  devices, and the shares are gathered, so every process returns the whole split. The result is
+  the single-process one: a candidate's noise depends only on (seed, image index, candidate).
+  """
   from tqdm import tqdm
   batch = int(captioner.bundle.config.sampler.batch_size)
-  captions: list[list[str]] = []
-  bar = tqdm(total=len(features), unit="img", desc=f"sample n={n} steps={steps}",
+  start, stop, per = process_share(len(features))
+  tokens = [np.zeros((0, n, int(captioner.bundle.config.data.max_len)), np.int32)]
+  bar = tqdm(total=stop - start, unit="img", desc=f"sample n={n} steps={steps}",
              disable=not progress, dynamic_ncols=True)
-  for start in range(0, len(features), batch):
-    feats = np.asarray(features[start:start + batch], np.float32)
-    tokens = captioner.sample_tokens(feats, n, steps, seed, eta, np.arange(start, start + len(feats)))
-    captions += [[captioner.bundle.vocab.decode(t) for t in c] for c in tokens]
+  for b in range(start, stop, batch):
+    feats = np.asarray(features[b:min(b + batch, stop)], np.float32)
+    tokens.append(captioner.sample_tokens(feats, n, steps, seed, eta, np.arange(b, b + len(feats))))
     bar.update(len(feats))
   bar.close()
-  scores = captioner.rerank(rerank_emb, captions) if n > 1 else None
-  return captions, scores
+  local = np.concatenate(tokens).astype(np.int32)
+  decode = lambda ids: [[captioner.bundle.vocab.decode(t) for t in c] for c in ids]
+  scores = None
+  if n > 1:
+    local_scores = (captioner.rerank(rerank_emb[start:stop], decode(local)).astype(np.float32)
+                    if len(local) else np.zeros((0, n), np.float32))
+    scores = _gather(local_scores, per, len(features))
+  return decode(_gather(local, per, len(features))), scores
 
 
 def evaluate(workdir: str, split: str = "test", num_candidates: int | None = None,
@@ -92,6 +121,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   from pdiff_jax import clip as clip_lib, model as model_lib
   from pdiff_jax.data.features import FeatureStore
   from pdiff_jax.inference import Captioner
+  import jax
 
   t0 = time.perf_counter()
   captioner = captioner or Captioner.from_workdir(workdir)
@@ -120,6 +150,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   captions, scores = sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta, progress)
   ranked = rank_candidates(captions, scores, n)
 
+  lead = jax.process_index() == 0  # every process samples its share; process 0 scores and writes
   eval_clip_name = config.get("eval", {}).get("clip_model", "") or captioner.clip.name
   eval_clip = captioner.clip if eval_clip_name == captioner.clip.name else (
       captioner.rerank_clip if eval_clip_name == captioner.rerank_clip.name
@@ -127,7 +158,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   entries = [{"image_id": m["image_id"], "image": m["image"], **r, "references": m["captions"]}
              for m, r in zip(meta, ranked)]
   vocab_size = len(captioner.bundle.vocab)
-  metrics = score_captions(entries, vocab_size, eval_clip, embeddings(eval_clip))
+  metrics = score_captions(entries, vocab_size, eval_clip, embeddings(eval_clip)) if lead else {}
   metrics.update({
       "trainable_params": model_lib.count_params(captioner.bundle.params),
       "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, "eta": eta, "seed": seed,
@@ -139,17 +170,18 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
     sweeps["candidates"] = []
     for k in SWEEP_CANDIDATES:
       sub = [{**e, **r} for e, r in zip(entries, rank_candidates(captions, scores, k))]
-      sweeps["candidates"].append({"n": k, **_cider_div2(sub)})
+      sweeps["candidates"].append({"n": k, **(_cider_div2(sub) if lead else {})})
     sweeps["steps"] = []
     for st in sorted({x for x in SWEEP_STEPS if x <= max(steps, 20)} | {steps}):
       cs, sc = sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress)
       sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
-      sweeps["steps"].append({"steps": st, **_cider_div2(sub)})
+      sweeps["steps"].append({"steps": st, **(_cider_div2(sub) if lead else {})})
     metrics["sweep"] = sweeps
   metrics["seconds"] = time.perf_counter() - t0
 
-  out_dir = out_dir or os.path.join(workdir, "eval", split)
-  write_outputs(out_dir, metrics, entries, title=f"pdiff eval: {workdir} ({split})")
+  if lead:
+    out_dir = out_dir or os.path.join(workdir, "eval", split)
+    write_outputs(out_dir, metrics, entries, title=f"pdiff eval: {workdir} ({split})")
   return metrics
 
 

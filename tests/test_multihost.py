@@ -118,3 +118,56 @@ def test_sigterm_on_one_process_stops_all_at_one_step(tmp_path):
   assert len(steps) == 1 and 5 <= int(steps[0]) < 1000000
   assert all(f"stopped at step {steps[0]}" in o for o in out)
   assert int(_restore(w, int(steps[0])).step) == int(steps[0])
+
+
+def _copy_workdir(src, dst):
+  """A copy of a training workdir (checkpoints and config; the feature store stays shared)."""
+  import shutil
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns("eval"))
+  return str(dst)
+
+
+@pytest.mark.slow
+def test_two_process_eval_equals_one(tmp_path, trained_workdir):
+  """`pdiff eval` as 2 processes: each samples and reranks its share of the images, process 0
+  scores and writes, and captions.json and the metrics equal a single-process eval's."""
+  import json
+  from pdiff_jax import evaluate
+  one = _copy_workdir(trained_workdir[0], tmp_path / "one")
+  two = _copy_workdir(trained_workdir[0], tmp_path / "two")
+  evaluate.evaluate(one, "test", num_candidates=3, steps=5, seed=0, progress=False)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run(["bash", LAUNCH, "2", "eval", f"--workdir={two}", "--split=test", "--num_candidates=3",
+                      "--steps=5"], cwd=ROOT, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert r.stdout.count("| BLEU-4 |") == 1 and "[process 0] | BLEU-4 |" in r.stdout  # process 0 reports
+  load = lambda w, f: json.load(open(os.path.join(w, "eval", "test", f)))
+  a, b = load(one, "captions.json"), load(two, "captions.json")
+  assert len(a) == 3 and [e["caption"] for e in a] == [e["caption"] for e in b]
+  for x, y in zip(a, b):
+    assert [c["caption"] for c in x["candidates"]] == [c["caption"] for c in y["candidates"]]
+    np.testing.assert_allclose([c["score"] for c in x["candidates"]], [c["score"] for c in y["candidates"]],
+                               rtol=1e-5)
+  ma, mb = load(one, "metrics.json"), load(two, "metrics.json")
+  for key in ("BLEU-4", "CIDEr", "Div-2", "CLIP-S", "num_images"):
+    assert mb[key] == pytest.approx(ma[key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_two_process_bench(tmp_path):
+  """`pdiff bench` as 2 processes x 2 devices: the train step runs on the global 4-device mesh and
+  only process 0 writes the JSON."""
+  import json
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = tmp_path / "b.json"
+  r = subprocess.run(["bash", LAUNCH, "2", "bench", "--config=configs/tiny.py", f"--out={out}",
+                      "--parts=train,sample"], cwd=ROOT,
+                     env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  b = json.loads(out.read_text())
+  assert b["num_devices"] == 4 and b["num_processes"] == 2
+  assert b["train"]["examples_per_sec"] > 0 and b["sample"]["images_per_sec"] > 0
+  assert 0 < b["train"]["mfu"] and b["train"]["flops_per_sec"] > 0
+  assert r.stdout.count("train:") == 1 and "[process 0] train:" in r.stdout
