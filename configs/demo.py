@@ -34,14 +34,17 @@ def get_config():
   c.model.max_position = 16
   c.model.time_embed_dim = 64
   c.model.time_hidden = 128
+  # No dropout: on 40k captions it only slows learning, and on this CPU it costs 28% of a step.
+  c.model.dropout = 0.0
+  c.model.attention_dropout = 0.0
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.optim.ema_decay = 0.995
-  c.train.num_steps = 1500
+  c.train.num_steps = 1800
   c.train.batch_size = 128
   c.train.log_every = 100
-  c.train.checkpoint_every = 500
-  c.train.eval_every = 500
+  c.train.checkpoint_every = 600
+  c.train.eval_every = 600
   c.train.eval_batches = 4
   c.sampler.num_candidates = 10
   c.sampler.steps = 20

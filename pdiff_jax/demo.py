@@ -24,7 +24,7 @@ from pdiff_jax.metrics import coco, diversity
 
 log = logging.getLogger(__name__)
 
-FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 2600, "clip_seconds": 270,
+FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 4000, "clip_seconds": 400,
         "train_steps": None}
 FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 300, "clip_seconds": 40,
         "train_steps": 200}
@@ -91,33 +91,35 @@ def run_demo(base_config, workdir: str, fast: bool = False, progress: bool = Tru
   _stage("5/6 evaluation on test, n=10 (pdiff eval)")
   from pdiff_jax.inference import Captioner
   captioner = Captioner.from_workdir(model_dir)
-  metrics = evaluate.evaluate(model_dir, "test", sweep=not fast, progress=progress, captioner=captioner)
+  metrics = evaluate.evaluate(model_dir, "test", seed=config.seed, progress=progress, captioner=captioner)
   shutil.copyfile(os.path.join(model_dir, "eval", "test", "report.html"),
                   os.path.join(workdir, "report.html"))
 
   _stage("6/6 variants: shuffled image features, random candidate")
-  store = features.FeatureStore(config.data.feature_dir)
-  meta = store.images("test")
-  feats = np.asarray(store.split("test").features, np.float32)
-  refs = [m["captions"] for m in meta]
-  attrs = [attributes[m["image_id"]] for m in meta]
+  # (a) and (c) come from eval's own candidates (in image order, as in the feature store); only
+  # (b) needs sampling again.
+  with open(os.path.join(model_dir, "eval", "test", "captions.json")) as f:
+    entries = json.load(f)
+  cands = [[c["caption"] for c in e["candidates"]] for e in entries]
+  refs = [e["references"] for e in entries]
+  attrs = [attributes[e["image_id"]] for e in entries]
   s = config.sampler
   n, steps = int(s.num_candidates), int(s.steps)
-  cands, scores = evaluate.sample_split(captioner, feats, feats, n, steps, config.seed, s.eta, progress)
-  ranked = rank_candidates(cands, scores, n)
-  perm = np.random.default_rng(config.seed).permutation(len(feats))
+  feats = np.asarray(features.FeatureStore(config.data.feature_dir).split("test").features, np.float32)
+  rng = np.random.default_rng(config.seed)
+  perm = rng.permutation(len(feats))
   shuffled_cands, shuffled_scores = evaluate.sample_split(captioner, feats[perm], feats[perm], n,
                                                            steps, config.seed, s.eta, progress)
   shuffled = rank_candidates(shuffled_cands, shuffled_scores, n)
   variants = {
-      "model": _scores([r["caption"] for r in ranked], cands, refs, attrs),
+      "model": _scores([e["caption"] for e in entries], cands, refs, attrs),
       "shuffled_features": _scores([r["caption"] for r in shuffled], shuffled_cands, refs, attrs),
-      "random_candidate": _scores([c[0] for c in cands], cands, refs, attrs),
+      "random_candidate": _scores([c[rng.integers(len(c))] for c in cands], cands, refs, attrs),
   }
   rng = np.random.default_rng(config.seed + 1)
   ref_div2 = diversity.div_n([shapes.captions_for(a, n, rng) for a in attrs], 2)
   summary = {"seconds": time.perf_counter() - t0, "variants": variants, "ref_Div-2": ref_div2,
-             "num_test_images": len(meta), "num_candidates": n, "sample_steps": steps,
+             "num_test_images": len(entries), "num_candidates": n, "sample_steps": steps,
              "fast": fast, "eval_metrics": {k: metrics.get(k) for k in evaluate.TABLE_KEYS},
              "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
   with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
