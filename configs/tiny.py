@@ -36,6 +36,7 @@ def get_config():
   c.train.checkpoint_every = 25
   c.train.eval_every = 50
   c.train.eval_batches = 2
+  c.clip.batch_size = 8  # `pdiff bench` times the (random-weight, offline) ViT-L/14 at this batch
   c.sampler.num_candidates = 4
   c.sampler.steps = 10
   return c

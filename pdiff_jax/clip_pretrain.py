@@ -9,7 +9,11 @@ Random grayscale (SimCLR's augmentation, here on half the images) is what makes 
 without it a small ViT learns colour in a hundred steps and then loses the shape information a
 random one still has (MLP probe on 64-d features, shapes test split: 25% on single objects after
 2,000 steps, chance level). A grey image still has a caption that names its colours, so only the
-shape, size and position can match it. With it: 91% after 3,400 steps (300 s on 2 cores).
+shape, size and position can match it. With it: 91% after 3,400 steps (300 s on 2 cores); and
+the longer it trains the more shape its features carry (linear + quadratic probe of the set of
+shapes in each test image, 500 images: 75% after 270 s, 86% after 400 s, colour 97% either way).
+Hard-negative batches (groups of images sharing their colours) and grey on 75% of the images both
+raised shape (83%) but cost colour (72-76%).
 """
 
 from __future__ import annotations

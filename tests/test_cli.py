@@ -38,6 +38,19 @@ def test_train_then_resume(tmp_path):
   assert steps == [10, 20, 30, 40, 50, 60, 70, 80]
   assert sorted(os.listdir(os.path.join(w, "checkpoints")), key=int) == ["50", "75", "80"]
 
+  # A half-written newest checkpoint (its array data truncated): a warning, then the one before.
+  for root, _, files in os.walk(os.path.join(w, "checkpoints", "80")):
+    for f in files:
+      if "manifest" in f or f.endswith(".ocdbt") or os.path.basename(root) == "d":
+        path = os.path.join(root, f)
+        with open(path, "r+b") as fh:
+          fh.truncate(os.path.getsize(path) // 2)
+  r = run_pdiff("train", "--config=configs/tiny.py", f"--workdir={w}",
+                "--config.train.num_steps=90", env=ONE_DEVICE)
+  assert r.returncode == 0, r.stderr
+  assert "checkpoint at step 80" in r.stderr and "unreadable" in r.stderr
+  assert "resumed from step 75" in r.stderr
+
 
 def test_info_paper_config():
   r = run_pdiff("info", "--config=configs/paper_coco.py", env=ONE_DEVICE)
