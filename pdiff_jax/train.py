@@ -284,7 +284,10 @@ class _MetricsLog:
 
   def close(self):
     if self.writer is not None:
-      self.writer.close()
+      try:
+        self.writer.close()
+      except OSError as e:  # e.g. a full disk: never hide the error that stopped the run
+        log.warning("closing the TensorBoard writer failed: %s", e)
 
 
 def _duration(seconds: float) -> str:
@@ -408,6 +411,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   finally:
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
-    ckpts.close()
-    metrics_log.close()
+    try:
+      ckpts.close()
+    finally:
+      metrics_log.close()
   return state
