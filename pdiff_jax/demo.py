@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 4000, "clip_seconds": 400,
         "train_steps": None}
-FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 300, "clip_seconds": 40,
+FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 200, "clip_seconds": 25,
         "train_steps": 200}
 
 

@@ -175,11 +175,17 @@ def test_full_disk_while_saving_stops_cleanly(tmp_path):
     pytest.skip("needs unshare -m (root) to mount a small tmpfs")
   w = tmp_path / "w"
   w.mkdir()
-  cmd = [sys.executable, "-m", "pdiff_jax", "train", "--config=configs/tiny.py", f"--workdir={w}",
-         "--config.train.num_steps=30", "--config.train.checkpoint_every=10", "--config.train.eval_every=1000"]
-  # One tiny-config checkpoint takes ~660 KB (params, EMA and two Adam moments plus metadata).
+  args = ["--config=configs/tiny.py", "--config.train.checkpoint_every=10", "--config.train.eval_every=1000"]
+  # The room for the workdir: what a run to the first checkpoint leaves (~700 KB: params, EMA, two
+  # Adam moments, metadata, logs), plus half a checkpoint, so that the second save cannot fit.
+  probe = tmp_path / "probe"
+  r = run_pdiff("train", *args, f"--workdir={probe}", "--config.train.num_steps=10", env=ONE_DEVICE)
+  assert r.returncode == 0, r.stderr[-2000:]
+  du = lambda path: int(subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True).stdout.split()[0])
+  room_kb = du(probe) + du(probe / "checkpoints" / "10") // 2
+  cmd = [sys.executable, "-m", "pdiff_jax", "train", *args, f"--workdir={w}", "--config.train.num_steps=30"]
   # The mount ends with the namespace, so what is left on it is copied out for the restore below.
-  script = (f"mount -t tmpfs -o size=900k tmpfs {w} && {{ " + " ".join(cmd) +
+  script = (f"mount -t tmpfs -o size={room_kb}k tmpfs {w} && {{ " + " ".join(cmd) +
             f"; code=$?; cp -r {w}/checkpoints {tmp_path}/left; exit $code; }}")
   r = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=dict(os.environ, **ONE_DEVICE),
                      capture_output=True, text=True, timeout=300)
