@@ -91,6 +91,7 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
   devices, and the shares are gathered, so every process returns the whole split. The result is
   the single-process one: a candidate's noise depends only on (seed, image index, candidate).
   """
+  import jax
   from tqdm import tqdm
   batch = int(captioner.bundle.config.sampler.batch_size)
   start, stop, per = process_share(len(features))
@@ -104,12 +105,15 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
   bar.close()
   local = np.concatenate(tokens).astype(np.int32)
   decode = lambda ids: [[captioner.bundle.vocab.decode(t) for t in c] for c in ids]
+  captions = decode(local)
   scores = None
   if n > 1:
-    local_scores = (captioner.rerank(rerank_emb[start:stop], decode(local)).astype(np.float32)
+    local_scores = (captioner.rerank(rerank_emb[start:stop], captions).astype(np.float32)
                     if len(local) else np.zeros((0, n), np.float32))
     scores = _gather(local_scores, per, len(features))
-  return decode(_gather(local, per, len(features))), scores
+  if jax.process_count() > 1:
+    captions = decode(_gather(local, per, len(features)))
+  return captions, scores
 
 
 def evaluate(workdir: str, split: str = "test", num_candidates: int | None = None,

@@ -159,7 +159,7 @@ class EncoderLayer(nn.Module):
 def encoder_stack(cfg: ModelConfig):
   """The encoder layers: a list of `EncoderLayer` ("layer_0" ...), or with `cfg.scan_layers` one
   scanned "layers" module whose parameters carry a leading (num_layers,) "layers" axis. Either way
-  `apply(stack, x, deterministic)` runs them all; `remat` wraps each layer in `nn.remat`."""
+  `apply_stack(stack, x, deterministic)` runs them all; `remat` wraps each layer in `nn.remat`."""
   layer = nn.remat(EncoderLayer, static_argnums=(2,)) if cfg.remat else EncoderLayer
   if not cfg.scan_layers:
     return [layer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]

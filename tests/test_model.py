@@ -199,13 +199,3 @@ def test_scanned_layers_equal_the_loop(tiny, remat):
   for a, b in zip(jax.tree.leaves(_stack_layers(g_loop, cfg.num_layers)), jax.tree.leaves(g_scan)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
-
-def test_scanned_layers_shard_like_the_loop():
-  """The stacked axis is replicated ("layers" has no mesh axis); heads and FFN split as before."""
-  from pdiff_jax import sharding as sharding_lib, train
-  config = load_config("tiny", **{"model.scan_layers": True, "mesh.shape": (4, 2)})
-  mesh = sharding_lib.make_mesh(config)
-  _, shardings = train.state_shardings(train.make_model(config), train.make_optimizer(config), config, mesh)
-  P = jax.sharding.PartitionSpec
-  assert shardings.params["layers"]["attention"]["query"]["kernel"].spec == P(None, None, "model", None)
-  assert shardings.params["layers"]["intermediate"]["kernel"].spec == P(None, None, "model")

@@ -82,6 +82,22 @@ def test_sharded_equals_single_device():
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max(), err_msg=name)
 
 
+def test_scanned_and_rematerialised_layers_train_sharded_like_on_one_device():
+  """model.scan_layers + model.remat through the real train step (dropout on): the stacked axis
+  is replicated, heads and FFN split on the model axis, and 8 devices train like 1."""
+  over = {"model.scan_layers": True, "model.remat": True}
+  single, h1, _ = _run_steps(load_config("tiny", **over, **{"mesh.shape": (1, 1)}), jax.devices()[:1], 2)
+  sharded, h8, shardings = _run_steps(load_config("tiny", **over, **{"mesh.shape": (4, 2)}), jax.devices(), 2)
+  P = jax.sharding.PartitionSpec
+  assert shardings.params["layers"]["attention"]["query"]["kernel"].spec == P(None, None, "model", None)
+  assert shardings.params["layers"]["intermediate"]["kernel"].spec == P(None, None, "model")
+  assert single.params["layers"]["intermediate"]["kernel"].shape[0] == load_config("tiny").model.num_layers
+  for a, b in zip(h1, h8):
+    assert np.isfinite(a["loss"])
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+
+
 def _params(state):
   return jax.tree.map(np.asarray, jax.device_get(state.params))
 
