@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import statistics
 import time
 
@@ -21,6 +22,7 @@ import numpy as np
 from pdiff_jax import clip as clip_lib
 from pdiff_jax import config as config_lib
 from pdiff_jax import model as model_lib
+from pdiff_jax import profiling
 from pdiff_jax import sampler as sampler_lib
 from pdiff_jax import sharding as sharding_lib
 from pdiff_jax import train
@@ -55,7 +57,7 @@ def _peak_memory() -> int | None:
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def bench_train(config, repeats: int = 5) -> dict:
+def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dict:
   mesh = sharding_lib.make_mesh(config)
   model, tx = train.make_model(config), train.make_optimizer(config)
   state, _, shardings = train.create_state(model, tx, config, mesh, jax.random.key(0))
@@ -78,13 +80,17 @@ def bench_train(config, repeats: int = 5) -> dict:
     compile_s = time.perf_counter() - t
     run()
     seconds = _time(run, repeats)
-  flops = model_lib.train_flops_per_example(config_lib.model_config(config)) * B
-  return {"examples_per_sec": B / seconds, "tokens_per_sec": B * L / seconds,
-          "flops_per_sec": flops / seconds, "step_seconds": seconds, "compile_seconds": compile_s,
-          "batch_size": B}
+    flops = model_lib.train_flops_per_example(config_lib.model_config(config)) * B
+    out = {"examples_per_sec": B / seconds, "tokens_per_sec": B * L / seconds,
+           "flops_per_sec": flops / seconds, "step_seconds": seconds, "compile_seconds": compile_s,
+           "batch_size": B}
+    if profile_dir:
+      hlo = step.lower(holder["state"], batch, key).compile().as_text()
+      out["profile"] = profiling.summarise(hlo, run, os.path.join(profile_dir, "train"), flops)
+  return out
 
 
-def bench_sample(config, repeats: int = 3) -> dict:
+def bench_sample(config, repeats: int = 3, profile_dir: str | None = None) -> dict:
   cfg = config_lib.model_config(config)
   model = model_lib.PrefixDenoiser(cfg)
   import flax.linen as nn
@@ -102,9 +108,14 @@ def bench_sample(config, repeats: int = 3) -> dict:
   compile_s = time.perf_counter() - t
   seconds = _time(lambda: fn(params, feats, keys).block_until_ready(), repeats)
   step_flops = model_lib.denoise_step_flops(cfg) * n * images * steps
-  return {"images_per_sec": images / seconds, "candidates_per_sec": images * n / seconds,
-          "num_candidates": n, "steps": steps, "images_per_call": images,
-          "flops_per_sec": step_flops / seconds, "compile_seconds": compile_s}
+  out = {"images_per_sec": images / seconds, "candidates_per_sec": images * n / seconds,
+         "num_candidates": n, "steps": steps, "images_per_call": images,
+         "flops_per_sec": step_flops / seconds, "compile_seconds": compile_s}
+  if profile_dir:
+    hlo = fn.lower(params, feats, keys).compile().as_text()
+    out["profile"] = profiling.summarise(hlo, lambda: fn(params, feats, keys).block_until_ready(),
+                                         os.path.join(profile_dir, "sample"), step_flops, repeats=1)
+  return out
 
 
 def bench_clip(name: str, batch: int, repeats: int = 3) -> dict:
@@ -130,7 +141,10 @@ def bench_clip(name: str, batch: int, repeats: int = 3) -> dict:
           "compile_seconds": compile_s}
 
 
-def run_bench(config, out: str, parts=("train", "sample", "clip")) -> dict:
+def run_bench(config, out: str, parts=("train", "sample", "clip"),
+              profile_dir: str | None = None) -> dict:
+  """Measures `parts`; with `profile_dir`, also a profiler trace of the train step and the sampler
+  there, summarised per op in the JSON (`profiling.summarise`)."""
   config_lib.validate(config)
   dtype = config_lib.DTYPES[config.model.dtype]
   result = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -141,10 +155,10 @@ def run_bench(config, out: str, parts=("train", "sample", "clip")) -> dict:
   if "float32" != config.model.dtype:
     result["matmul_flops_per_sec_float32"] = matmul_rate(jnp.float32)
   if "train" in parts:
-    result["train"] = bench_train(config)
+    result["train"] = bench_train(config, profile_dir=profile_dir)
     result["train"]["mfu"] = result["train"]["flops_per_sec"] / (rate * jax.device_count())
   if "sample" in parts:
-    result["sample"] = bench_sample(config)
+    result["sample"] = bench_sample(config, profile_dir=profile_dir)
     result["sample"]["mfu"] = result["sample"]["flops_per_sec"] / rate
   if "clip" in parts:
     result["clip"] = bench_clip(config.clip.model, int(config.clip.batch_size))
@@ -165,10 +179,14 @@ def table(r: dict) -> str:
     lines.append(f"train:  {t['examples_per_sec']:.1f} captions/s, {t['tokens_per_sec']:.0f} tokens/s, "
                  f"{t['flops_per_sec'] / 1e12:.2f} TFLOP/s, MFU {100 * t['mfu']:.0f}%, "
                  f"compile {t['compile_seconds']:.1f} s")
+    if "profile" in t:
+      lines.append(profiling.table(t["profile"], r["matmul_flops_per_sec"]))
   if "sample" in r:
     s = r["sample"]
     lines.append(f"sample: {s['images_per_sec']:.2f} images/s ({s['num_candidates']} candidates x "
                  f"{s['steps']} steps), MFU {100 * s['mfu']:.0f}%, compile {s['compile_seconds']:.1f} s")
+    if "profile" in s:
+      lines.append(profiling.table(s["profile"], r["matmul_flops_per_sec"]))
   if "clip" in r and r["clip"].get("images_per_sec"):
     lines.append(f"clip:   {r['clip']['images_per_sec']:.1f} images/s ({r['clip']['model']})")
   return "\n".join(lines)

@@ -24,7 +24,8 @@ commands:
   caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--json] IMAGE...
   eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--sweep]
   score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
-  bench   [--config=CFG] --out=FILE [--parts=train,sample,clip]  throughput, FLOP/s and MFU here
+  bench   [--config=CFG] --out=FILE [--parts=train,sample,clip] [--profile_dir=DIR]
+          throughput, FLOP/s and MFU here; with --profile_dir, where the step's time goes
   info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
 
 `pdiff COMMAND --help` lists a command's flags."""
@@ -215,6 +216,9 @@ def _flags_bench(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("out", None, "JSON file for the figures.", flag_values=fv, required=True)
   flags.DEFINE_list("parts", ["train", "sample", "clip"], "Which of train,sample,clip to measure.",
                     flag_values=fv)
+  flags.DEFINE_string("profile_dir", None, "Also trace the train step and the sampler here "
+                      "(jax.profiler; Perfetto/TensorBoard) and add a per-op summary to the JSON.",
+                      flag_values=fv)
 
 
 def _cmd_bench(fv: flags.FlagValues) -> int:
@@ -222,7 +226,7 @@ def _cmd_bench(fv: flags.FlagValues) -> int:
   bad = set(fv.parts) - {"train", "sample", "clip"}
   if bad:
     raise UsageError(f"--parts: unknown {', '.join(sorted(bad))}; expected train, sample, clip")
-  bench.run_bench(fv.config, fv.out, tuple(fv.parts))
+  bench.run_bench(fv.config, fv.out, tuple(fv.parts), profile_dir=fv.profile_dir)
   return 0
 
 

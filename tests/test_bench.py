@@ -13,7 +13,7 @@ from pdiff_jax import model as model_lib
 def test_bench_tiny_writes_every_figure(tmp_path, clip_dir):
   out = tmp_path / "b.json"
   r = run_pdiff("bench", "--config=configs/tiny.py", f"--out={out}", f"--config.clip.model={clip_dir}",
-                "--config.clip.batch_size=4", env={"XLA_FLAGS": ""})
+                "--config.clip.batch_size=4", f"--profile_dir={tmp_path / 'prof'}", env={"XLA_FLAGS": ""})
   assert r.returncode == 0, r.stderr[-3000:]
   b = json.loads(out.read_text())
   assert b["num_devices"] == 1 and b["backend"] == "cpu" and b["device"].startswith("1 x ")
@@ -38,6 +38,12 @@ def test_bench_tiny_writes_every_figure(tmp_path, clip_dir):
 
   assert b["clip"]["images_per_sec"] > 0 and b["clip"]["model"] == str(clip_dir)
   assert b["clip"]["compile_seconds"] > 0
+  # --profile_dir: a trace of each, and where the time went, in the train step's three phases.
+  for part, phases in (("train", {"forward", "backward", "rest"}), ("sample", {"rest"})):
+    p = b[part]["profile"]
+    assert p["trace"].startswith(str(tmp_path / "prof" / part)), p["trace"]
+    assert set(p["phase_seconds"]) == phases, p["phase_seconds"]
+    assert 0 < p["matmul_fraction"] < 1 and p["matmul_flops_per_sec"] > 0
   # The printed table carries the same figures.
   assert f"MFU {100 * t['mfu']:.0f}%" in r.stdout and "images/s" in r.stdout
 

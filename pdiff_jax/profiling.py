@@ -1,0 +1,165 @@
+"""Where a jitted step's time goes: a `jax.profiler` trace, its op events summed per XLA op.
+
+`pdiff bench --profile_dir=DIR` writes the trace (open it in Perfetto or TensorBoard's profile
+plugin) and adds the summary to its JSON. Each op of the compiled module is classed as *matmul*
+(its fusion holds a dot or a convolution, with whatever element-wise work XLA fused into it) or
+*other*, and put in the phase its JAX op_name shows: forward (`jvp`), backward (`transpose`), or
+rest (outside the differentiated function: a train step's optimizer, EMA and loss bookkeeping;
+all of a sampler).
+
+Why by hand: the profiler's own op-profile tool (xprof) is a TensorBoard plugin with no stable
+Python API; this reads the Perfetto JSON that `jax.profiler.trace` writes and the compiled HLO
+text, both plain formats.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import time
+from typing import Callable, NamedTuple
+
+import jax
+
+# Ops that only hold other ops (their events enclose their body's events).
+_CONTAINERS = {"while", "conditional", "call", "async-start", "async-done", "async-update"}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*)$")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+class Op(NamedTuple):
+  opcode: str
+  matmul: bool     # a dot or convolution, or a fusion that holds one
+  phase: str       # "forward", "backward" or "rest"
+  op_name: str     # the JAX op_name from the HLO metadata
+
+
+def parse_hlo(hlo_text: str) -> dict[str, Op]:
+  """Every instruction of a compiled module's text (`compiled.as_text()`), by name."""
+  bodies: dict[str, list[tuple[str, str, list[str], str]]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = bodies.setdefault(m.group(1), [])
+      continue
+    m = _INSTRUCTION.match(line) if current is not None else None
+    if m:
+      calls = [c.strip().lstrip("%") for one, many in _CALLS.findall(m.group(3))
+               for c in (one or many).split(",") if c.strip()]
+      op_name = _OP_NAME.search(line)
+      current.append((m.group(1), m.group(2), calls, op_name.group(1) if op_name else ""))
+
+  holds_dot: dict[str, bool] = {}
+
+  def computation_has_dot(name: str, seen=()) -> bool:
+    if name not in holds_dot:
+      holds_dot[name] = False if name in seen else any(
+          opcode in ("dot", "convolution") or
+          (opcode not in _CONTAINERS and any(computation_has_dot(c, seen + (name,)) for c in calls))
+          for _, opcode, calls, _ in bodies.get(name, ()))
+    return holds_dot[name]
+
+  ops = {}
+  for body in bodies.values():
+    for name, opcode, calls, op_name in body:
+      matmul = opcode in ("dot", "convolution") or (
+          opcode not in _CONTAINERS and any(computation_has_dot(c) for c in calls))
+      phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "rest"
+      ops[name] = Op(opcode, matmul, phase, op_name)
+  return ops
+
+
+def trace(fn: Callable[[], object], logdir: str, repeats: int = 3) -> tuple[str, float]:
+  """Runs `fn` (which must block) `repeats` times under the profiler; (Perfetto trace, seconds)."""
+  os.makedirs(logdir, exist_ok=True)
+  before = set(glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True))
+  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+    t = time.perf_counter()
+    for _ in range(repeats):
+      fn()
+    seconds = time.perf_counter() - t
+  [path] = set(glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)) - before
+  return path, seconds
+
+
+def op_seconds(trace_path: str, names, module: str | None = None) -> collections.Counter:
+  """Seconds of the trace's complete events per XLA op, for the op names given, of `module` only.
+
+  Op events carry `hlo_op` and `hlo_module` arguments (CPU thunks, GPU kernels). Where the trace
+  has device lanes (a GPU's or TPU's), only those count, so host-side launch events are not
+  counted twice.
+  """
+  with gzip.open(trace_path) as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and str((e.get("args") or {}).get("name", "")).startswith("/device:")}
+  total = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or (devices and e.get("pid") not in devices):
+      continue
+    args = e.get("args") or {}
+    if module and args.get("hlo_module", module) != module:
+      continue
+    name = args.get("hlo_op") or e.get("name")
+    if name in names:
+      total[name] += float(e.get("dur", 0.0)) * 1e-6
+  return total
+
+
+def module_name(hlo_text: str) -> str | None:
+  m = re.match(r"HloModule ([\w.\-]+)", hlo_text)
+  return m.group(1) if m else None
+
+
+def summarise(hlo_text: str, fn: Callable[[], object], logdir: str, flops: float,
+              repeats: int = 3, top: int = 12) -> dict:
+  """Profile `repeats` calls of `fn` (a compiled step doing `flops` matmul FLOPs per call).
+
+  Figures are per call. `matmul_flops_per_sec` is the rate inside the matmul ops alone, so that
+  MFU = matmul_flops_per_sec / device rate x matmul_seconds / step_seconds (+ any idle time).
+  """
+  ops = parse_hlo(hlo_text)
+  counted = {n for n, op in ops.items() if op.opcode not in _CONTAINERS}
+  path, wall = trace(fn, logdir, repeats)
+  per_op = op_seconds(path, counted, module_name(hlo_text))
+  per_call = {n: s / repeats for n, s in per_op.items()}
+  op_total = sum(per_call.values())
+  matmul = sum(s for n, s in per_call.items() if ops[n].matmul)
+  phases = collections.defaultdict(lambda: {"matmul": 0.0, "other": 0.0})
+  for n, s in per_call.items():
+    phases[ops[n].phase]["matmul" if ops[n].matmul else "other"] += s
+  ranked = sorted(per_call.items(), key=lambda kv: -kv[1])[:top]
+  return {
+      "trace": path,
+      "step_seconds": wall / repeats,
+      "op_seconds": op_total,
+      "matmul_seconds": matmul,
+      "matmul_fraction": matmul / op_total if op_total else None,
+      "matmul_flops_per_sec": flops / matmul if matmul else None,
+      "phase_seconds": dict(sorted(phases.items())),
+      "top_ops": [{"op": n, "seconds": s, "matmul": ops[n].matmul, "phase": ops[n].phase,
+                   "op_name": ops[n].op_name} for n, s in ranked],
+  }
+
+
+def table(p: dict, rate: float) -> str:
+  """A few lines for `pdiff bench`'s printout."""
+  lines = [f"  ops {1e3 * p['op_seconds']:.1f} ms of a {1e3 * p['step_seconds']:.1f} ms step; "
+           f"matmul ops {100 * (p['matmul_fraction'] or 0):.0f}% of op time"
+           + (f", at {p['matmul_flops_per_sec'] / 1e12:.2f} TFLOP/s "
+              f"({100 * p['matmul_flops_per_sec'] / rate:.0f}% of the matmul rate)"
+              if p["matmul_flops_per_sec"] else "")]
+  lines.append("  " + "; ".join(f"{k}: matmul {1e3 * v['matmul']:.1f} ms, other {1e3 * v['other']:.1f} ms"
+                               for k, v in p["phase_seconds"].items()))
+  for o in p["top_ops"][:6]:
+    lines.append(f"    {1e3 * o['seconds']:8.2f} ms  {'matmul' if o['matmul'] else 'other ':6}  "
+                 f"{o['phase']:8}  {o['op']}  {o['op_name'][-70:]}")
+  return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""`profiling`: the HLO parse classes ops by what they hold and where they come from, and the
+trace summary adds up to the time the profiled calls took."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdiff_jax import profiling
+
+
+def _loss(w, x):
+  return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+
+def _step(w, x):
+  g = jax.grad(_loss)(w, x)
+  return w - 0.1 * g  # an update outside the differentiated function
+
+
+def test_parse_hlo_classes_matmuls_and_phases():
+  w, x = jnp.ones((64, 64)), jnp.ones((32, 64))
+  ops = profiling.parse_hlo(jax.jit(_step).lower(w, x).compile().as_text())
+  # The forward dot, the backward dot for dL/dw; nothing else holds a dot.
+  matmul_phases = sorted(op.phase for op in ops.values() if op.matmul and op.opcode != "parameter")
+  assert "forward" in matmul_phases and "backward" in matmul_phases and "rest" not in matmul_phases
+  assert all(not op.matmul for op in ops.values() if op.opcode in ("parameter", "constant"))
+  # The update (w - 0.1 g) is outside the differentiated function.
+  assert any(op.phase == "rest" and not op.matmul for op in ops.values()
+             if op.opcode not in ("parameter", "constant"))
+
+
+def test_parse_hlo_sees_dots_inside_loops_and_fusions():
+  def f(w, x):
+    return jax.lax.fori_loop(0, 3, lambda i, x: jnp.tanh(x @ w), x)
+  ops = profiling.parse_hlo(jax.jit(f).lower(jnp.ones((16, 16)), jnp.ones((4, 16))).compile().as_text())
+  assert any(op.opcode == "while" for op in ops.values())
+  assert not [op for op in ops.values() if op.opcode == "while" and op.matmul]  # a container, not a matmul
+  assert any(op.matmul for op in ops.values())
+
+
+def test_summarise_accounts_for_the_step(tmp_path):
+  n = 384
+  a, b = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32), jnp.eye(n)
+  fn = jax.jit(lambda a, b: jnp.exp(-(a @ b) ** 2) @ b)
+  run = lambda: fn(a, b).block_until_ready()
+  run()
+  p = profiling.summarise(fn.lower(a, b).compile().as_text(), run, str(tmp_path), flops=4 * n ** 3,
+                          repeats=3)
+  assert p["trace"].startswith(str(tmp_path)) and p["trace"].endswith("perfetto_trace.json.gz")
+  # The two matmuls are nearly all of the work, and the ops fit in the calls' wall time.
+  assert p["matmul_fraction"] > 0.5
+  # (ops of one call can overlap on this machine's 2 threads, no more)
+  assert 0 < p["matmul_seconds"] <= p["op_seconds"] <= 2 * p["step_seconds"]
+  assert p["matmul_flops_per_sec"] == pytest.approx(4 * n ** 3 / p["matmul_seconds"])
+  assert p["phase_seconds"]["rest"]["matmul"] == pytest.approx(p["matmul_seconds"])  # no grad here
+  assert sum(sum(v.values()) for v in p["phase_seconds"].values()) == pytest.approx(p["op_seconds"])
+  assert p["top_ops"][0]["matmul"] and p["top_ops"][0]["seconds"] > 0
+  assert "matmul ops" in profiling.table(p, rate=1e11)
