@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # README command 2: builds .venv from the project's own files (if missing), installs the pinned
 # set with the test and tfds extras, and runs the whole suite. Extra arguments go to pytest.
+# Two pytest-xdist workers by default (PDIFF_TEST_WORKERS=N for more; 0 runs in this process):
+# most tests wait on subprocesses, Java or compilation, so two workers on two cores cut the
+# suite from ~15.7 to ~10.8 minutes here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source launch/venv.sh "[test,tfds]"
 
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "${PDIFF_TEST_WORKERS:-2}" "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
