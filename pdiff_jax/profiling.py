@@ -136,6 +136,12 @@ def summarise(hlo_text: str, fn: Callable[[], object], logdir: str, flops: float
   phases = collections.defaultdict(lambda: {"matmul": 0.0, "other": 0.0})
   for n, s in per_call.items():
     phases[ops[n].phase]["matmul" if ops[n].matmul else "other"] += s
+  # The other ops by the JAX primitive their op_name ends in (layer norm's reduce_sum and rsqrt,
+  # softmax's exp, random_bits, the optimizer's element-wise arithmetic, ...).
+  primitives = collections.Counter()
+  for n, s in per_call.items():
+    if not ops[n].matmul:
+      primitives[ops[n].op_name.rsplit("/", 1)[-1] or ops[n].opcode] += s
   ranked = sorted(per_call.items(), key=lambda kv: -kv[1])[:top]
   return {
       "trace": path,
@@ -145,6 +151,7 @@ def summarise(hlo_text: str, fn: Callable[[], object], logdir: str, flops: float
       "matmul_fraction": matmul / op_total if op_total else None,
       "matmul_flops_per_sec": flops / matmul if matmul else None,
       "phase_seconds": dict(sorted(phases.items())),
+      "other_seconds_by_primitive": dict(primitives.most_common(top)),
       "top_ops": [{"op": n, "seconds": s, "matmul": ops[n].matmul, "phase": ops[n].phase,
                    "op_name": ops[n].op_name} for n, s in ranked],
   }
@@ -159,6 +166,8 @@ def table(p: dict, rate: float) -> str:
               if p["matmul_flops_per_sec"] else "")]
   lines.append("  " + "; ".join(f"{k}: matmul {1e3 * v['matmul']:.1f} ms, other {1e3 * v['other']:.1f} ms"
                                for k, v in p["phase_seconds"].items()))
+  lines.append("  other ops: " + ", ".join(f"{k} {1e3 * v:.1f} ms"
+                                          for k, v in list(p["other_seconds_by_primitive"].items())[:6]))
   for o in p["top_ops"][:6]:
     lines.append(f"    {1e3 * o['seconds']:8.2f} ms  {'matmul' if o['matmul'] else 'other ':6}  "
                  f"{o['phase']:8}  {o['op']}  {o['op_name'][-70:]}")

@@ -55,5 +55,6 @@ def test_summarise_accounts_for_the_step(tmp_path):
   assert p["matmul_flops_per_sec"] == pytest.approx(4 * n ** 3 / p["matmul_seconds"])
   assert p["phase_seconds"]["rest"]["matmul"] == pytest.approx(p["matmul_seconds"])  # no grad here
   assert sum(sum(v.values()) for v in p["phase_seconds"].values()) == pytest.approx(p["op_seconds"])
+  assert sum(p["other_seconds_by_primitive"].values()) == pytest.approx(p["op_seconds"] - p["matmul_seconds"])
   assert p["top_ops"][0]["matmul"] and p["top_ops"][0]["seconds"] > 0
   assert "matmul ops" in profiling.table(p, rate=1e11)
