@@ -31,10 +31,12 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*)$")
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Library matmuls called from HLO (GPU: cuBLAS/cuBLASLt gemms, cuDNN convolutions).
+_MATMUL_CALL = re.compile(r'custom_call_target="[^"]*(?:gemm|matmul|conv)[^"]*"', re.IGNORECASE)
 
 
 class Op(NamedTuple):
-  opcode: str
+  opcode: str      # the HLO opcode ("dot" also for a library gemm custom-call)
   matmul: bool     # a dot or convolution, or a fusion that holds one
   phase: str       # "forward", "backward" or "rest"
   op_name: str     # the JAX op_name from the HLO metadata
@@ -54,7 +56,10 @@ def parse_hlo(hlo_text: str) -> dict[str, Op]:
       calls = [c.strip().lstrip("%") for one, many in _CALLS.findall(m.group(3))
                for c in (one or many).split(",") if c.strip()]
       op_name = _OP_NAME.search(line)
-      current.append((m.group(1), m.group(2), calls, op_name.group(1) if op_name else ""))
+      opcode = m.group(2)
+      if opcode == "custom-call" and _MATMUL_CALL.search(line):
+        opcode = "dot"  # counts as a matmul like XLA's own dot
+      current.append((m.group(1), opcode, calls, op_name.group(1) if op_name else ""))
 
   holds_dot: dict[str, bool] = {}
 

@@ -58,3 +58,22 @@ def test_summarise_accounts_for_the_step(tmp_path):
   assert sum(p["other_seconds_by_primitive"].values()) == pytest.approx(p["op_seconds"] - p["matmul_seconds"])
   assert p["top_ops"][0]["matmul"] and p["top_ops"][0]["seconds"] > 0
   assert "matmul ops" in profiling.table(p, rate=1e11)
+
+
+def test_parse_hlo_counts_library_gemms_as_matmuls():
+  """GPU modules call cuBLAS through custom-calls; those are matmuls, other custom-calls are not."""
+  hlo = """HloModule jit_f
+
+ENTRY %main.1 (a.1: f32[8,8], b.1: f32[8,8]) -> f32[8,8] {
+  %a.1 = f32[8,8]{1,0} parameter(0), metadata={op_name="a"}
+  %b.1 = f32[8,8]{1,0} parameter(1), metadata={op_name="b"}
+  %cublas-gemm.1 = (f32[8,8]{1,0}, s8[0]{0}) custom-call(%a.1, %b.1), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/jvp()/dot_general"}
+  %gte.1 = f32[8,8]{1,0} get-tuple-element(%cublas-gemm.1), index=0
+  ROOT %topk.1 = f32[8,8]{1,0} custom-call(%gte.1), custom_call_target="TopK", metadata={op_name="jit(f)/top_k"}
+}
+"""
+  ops = profiling.parse_hlo(hlo)
+  assert profiling.module_name(hlo) == "jit_f"
+  assert ops["cublas-gemm.1"].matmul and ops["cublas-gemm.1"].phase == "forward"
+  assert not ops["topk.1"].matmul and ops["topk.1"].phase == "rest"
+  assert not ops["gte.1"].matmul
