@@ -3,14 +3,15 @@
 # set with the test and tfds extras, and runs the whole suite. Extra arguments go to pytest.
 # Two pytest-xdist workers by default (PDIFF_TEST_WORKERS=N for more; 0 runs in this process):
 # most tests wait on subprocesses, Java or compilation, so two workers on two cores cut the
-# suite from ~15.7 to ~10.8 minutes here.
+# suite from ~15.7 to ~10.8 minutes here. Tests marked xdist_group share a worker (and its
+# session fixtures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source launch/venv.sh "[test,tfds]"
 
 set +e
-.venv/bin/python -m pytest -n "${PDIFF_TEST_WORKERS:-2}" "$@"
+.venv/bin/python -m pytest -n "${PDIFF_TEST_WORKERS:-2}" --dist loadgroup "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

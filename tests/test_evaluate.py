@@ -11,6 +11,9 @@ from pdiff_jax import evaluate, report
 from pdiff_jax.inference import load_bundle
 from pdiff_jax.model import count_params
 
+# One xdist worker runs every test on the session's trained workdir, so it is built once.
+pytestmark = pytest.mark.xdist_group("trained_workdir")
+
 CONTRACT_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE",
                  "SPICE_unavailable_reason", "CLIP-S", "RefCLIP-S", "Dist-1", "Dist-2", "Dist-3",
                  "Vocab", "Div-1", "Div-2", "mBLEU-4", "trainable_params", "num_images",

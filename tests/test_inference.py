@@ -13,6 +13,9 @@ from pdiff_jax import clip as clip_lib
 from pdiff_jax.checkpoint import CheckpointError
 from pdiff_jax.inference import Captioner, load_bundle
 
+# One xdist worker runs every test on the session's trained workdir, so it is built once.
+pytestmark = pytest.mark.xdist_group("trained_workdir")
+
 
 @pytest.fixture(scope="module")
 def captioner(trained_workdir):

@@ -15,7 +15,7 @@ from pdiff_jax.model import ModelConfig, PrefixDenoiser
 def _init(cfg: ModelConfig, batch=2, key=0):
   m = PrefixDenoiser(cfg)
   x = jnp.zeros((batch, cfg.max_len, cfg.word_dim))
-  params = m.init(jax.random.key(key), x, jnp.zeros((batch,)), jnp.zeros((batch, cfg.feature_dim)))
+  params = jax.jit(m.init)(jax.random.key(key), x, jnp.zeros((batch,)), jnp.zeros((batch, cfg.feature_dim)))
   return m, nn.meta.unbox(params)
 
 
@@ -191,11 +191,13 @@ def test_scanned_layers_equal_the_loop(tiny, remat):
   x = jax.random.normal(jax.random.key(1), (B, cfg.max_len, cfg.word_dim))
   t = jnp.array([0.0, 10.0, 99.0])
   f = jax.random.normal(jax.random.key(2), (B, cfg.feature_dim))
-  np.testing.assert_allclose(ms.apply(stacked, x, t, f), m.apply(params, x, t, f), rtol=1e-5, atol=1e-5)
+  # (jitted: one compile each, rather than op-by-op dispatch of every primitive)
+  np.testing.assert_allclose(jax.jit(ms.apply)(stacked, x, t, f), jax.jit(m.apply)(params, x, t, f),
+                             rtol=1e-5, atol=1e-5)
 
   loss = lambda model: lambda p: jnp.sum(model.apply(p, x, t, f) ** 2)
-  g_loop = jax.grad(loss(m))(params)
-  g_scan = jax.grad(loss(ms))(stacked)
+  g_loop = jax.jit(jax.grad(loss(m)))(params)
+  g_scan = jax.jit(jax.grad(loss(ms)))(stacked)
   for a, b in zip(jax.tree.leaves(_stack_layers(g_loop, cfg.num_layers)), jax.tree.leaves(g_scan)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 

@@ -128,6 +128,7 @@ def _copy_workdir(src, dst):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_workdir")
 def test_two_process_eval_equals_one(tmp_path, trained_workdir):
   """`pdiff eval` as 2 processes: each samples and reranks its share of the images, process 0
   scores and writes, and captions.json and the metrics equal a single-process eval's."""
@@ -162,12 +163,12 @@ def test_two_process_bench(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = tmp_path / "b.json"
   r = subprocess.run(["bash", LAUNCH, "2", "bench", "--config=configs/tiny.py", f"--out={out}",
-                      "--parts=train,sample"], cwd=ROOT,
+                      "--parts=train"], cwd=ROOT,
                      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   b = json.loads(out.read_text())
   assert b["num_devices"] == 4 and b["num_processes"] == 2
-  assert b["train"]["examples_per_sec"] > 0 and b["sample"]["images_per_sec"] > 0
+  assert b["train"]["examples_per_sec"] > 0 and "sample" not in b
   assert 0 < b["train"]["mfu"] and b["train"]["flops_per_sec"] > 0
   assert r.stdout.count("train:") == 1 and "[process 0] train:" in r.stdout
