@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 2: builds .venv from the project's own files (if missing), installs the pinned
 # set with the test and tfds extras, and runs the whole suite. Extra arguments go to pytest.
-# Two pytest-xdist workers by default (PDIFF_TEST_WORKERS=N for more; 0 runs in this process):
+# Two pytest-xdist workers by default (PDIFF_TEST_WORKERS=N for more; 0 runs in this process,
+# as --pdb and -s need):
 # most tests wait on subprocesses, Java or compilation, so two workers on two cores cut the
 # suite from ~15.7 to ~10.8 minutes here. Tests marked xdist_group share a worker (and its
 # session fixtures).

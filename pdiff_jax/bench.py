@@ -57,6 +57,13 @@ def _peak_memory() -> int | None:
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
+def _profile_subdir(profile_dir: str, part: str) -> str:
+  """Each process traces into its own folder (the trace files are named after the host)."""
+  if jax.process_count() > 1:
+    return os.path.join(profile_dir, part, f"process_{jax.process_index()}")
+  return os.path.join(profile_dir, part)
+
+
 def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dict:
   mesh = sharding_lib.make_mesh(config)
   model, tx = train.make_model(config), train.make_optimizer(config)
@@ -86,7 +93,7 @@ def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dic
            "batch_size": B}
     if profile_dir:
       hlo = step.lower(holder["state"], batch, key).compile().as_text()
-      out["profile"] = profiling.summarise(hlo, run, os.path.join(profile_dir, "train"), flops)
+      out["profile"] = profiling.summarise(hlo, run, _profile_subdir(profile_dir, "train"), flops)
   return out
 
 
@@ -114,7 +121,8 @@ def bench_sample(config, repeats: int = 3, profile_dir: str | None = None) -> di
   if profile_dir:
     hlo = fn.lower(params, feats, keys).compile().as_text()
     out["profile"] = profiling.summarise(hlo, lambda: fn(params, feats, keys).block_until_ready(),
-                                         os.path.join(profile_dir, "sample"), step_flops, repeats=1)
+                                         _profile_subdir(profile_dir, "sample"), step_flops,
+                                         repeats=1)
   return out
 
 

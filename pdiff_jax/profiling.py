@@ -26,13 +26,14 @@ from typing import Callable, NamedTuple
 import jax
 
 # Ops that only hold other ops (their events enclose their body's events).
-_CONTAINERS = {"while", "conditional", "call", "async-start", "async-done", "async-update"}
+_CONTAINERS = {"while", "conditional", "call", "async-start", "async-done", "async-update",
+               "fusion-start", "fusion-done", "custom-call-start", "custom-call-done"}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*)$")
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Library matmuls called from HLO (GPU: cuBLAS/cuBLASLt gemms, cuDNN convolutions).
-_MATMUL_CALL = re.compile(r'custom_call_target="[^"]*(?:gemm|matmul|conv)[^"]*"', re.IGNORECASE)
+_MATMUL_CALL = re.compile(r'custom_call_target="[^"]*(?:gemm|matmul|cudnn\$conv)[^"]*"', re.IGNORECASE)
 
 
 class Op(NamedTuple):
@@ -94,28 +95,38 @@ def trace(fn: Callable[[], object], logdir: str, repeats: int = 3) -> tuple[str,
   return path, seconds
 
 
+# Lines the trace viewer derives from the kernels (one event per op or module spanning its
+# kernels): counting them too would count the same time twice.
+_DERIVED_LINES = {"XLA Ops", "XLA Modules", "Steps", "Framework Ops", "Framework Name Scope",
+                  "Source code", "TensorFlow Ops", "TensorFlow Name Scope"}
+
+
 def op_seconds(trace_path: str, names, module: str | None = None) -> collections.Counter:
   """Seconds of the trace's complete events per XLA op, for the op names given, of `module` only.
 
-  Op events carry `hlo_op` and `hlo_module` arguments (CPU thunks, GPU kernels). Where the trace
-  has device lanes (a GPU's or TPU's), only those count, so host-side launch events are not
-  counted twice.
+  Only events that carry an `hlo_op` argument count (CPU thunks, GPU kernels), and none on the
+  viewer's derived lines. Where the trace has device lanes (a GPU's or TPU's), only those count,
+  so host-side launch events are not counted twice.
   """
   with gzip.open(trace_path) as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
-  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+  meta = [e for e in events if e.get("ph") == "M"]
+  devices = {e["pid"] for e in meta if e.get("name") == "process_name"
              and str((e.get("args") or {}).get("name", "")).startswith("/device:")}
+  derived = {(e["pid"], e.get("tid")) for e in meta if e.get("name") == "thread_name"
+             and (e.get("args") or {}).get("name") in _DERIVED_LINES}
   total = collections.Counter()
   for e in events:
-    if e.get("ph") != "X" or (devices and e.get("pid") not in devices):
+    if (e.get("ph") != "X" or (devices and e.get("pid") not in devices)
+        or (e.get("pid"), e.get("tid")) in derived):
       continue
     args = e.get("args") or {}
     if module and args.get("hlo_module", module) != module:
       continue
-    name = args.get("hlo_op") or e.get("name")
+    name = args.get("hlo_op")
     if name in names:
-      total[name] += float(e.get("dur", 0.0)) * 1e-6
+      total[name] += float(e.get("dur", 0.0)) * 1e-6  # Perfetto JSON durations are microseconds
   return total
 
 
@@ -142,7 +153,7 @@ def summarise(hlo_text: str, fn: Callable[[], object], logdir: str, flops: float
   for n, s in per_call.items():
     phases[ops[n].phase]["matmul" if ops[n].matmul else "other"] += s
   # The other ops by the JAX primitive their op_name ends in (layer norm's reduce_sum and rsqrt,
-  # softmax's exp, random_bits, the optimizer's element-wise arithmetic, ...).
+  # softmax's exp, random_bits, the optimizer's element-wise arithmetic, ...); the `top` largest.
   primitives = collections.Counter()
   for n, s in per_call.items():
     if not ops[n].matmul:

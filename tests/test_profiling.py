@@ -30,13 +30,22 @@ def test_parse_hlo_classes_matmuls_and_phases():
              if op.opcode not in ("parameter", "constant"))
 
 
-def test_parse_hlo_sees_dots_inside_loops_and_fusions():
-  def f(w, x):
-    return jax.lax.fori_loop(0, 3, lambda i, x: jnp.tanh(x @ w), x)
-  ops = profiling.parse_hlo(jax.jit(f).lower(jnp.ones((16, 16)), jnp.ones((4, 16))).compile().as_text())
+def test_loop_bodies_are_counted_once(tmp_path):
+  """A fori_loop's body ops are counted, the `while` that holds them is not (its event encloses
+  theirs), and they account for the calls' time, no more."""
+  n, steps = 256, 8
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)) / np.sqrt(n), jnp.float32)
+  fn = jax.jit(lambda w, x: jax.lax.fori_loop(0, steps, lambda i, x: jnp.tanh(x @ w), x))
+  x = jnp.ones((n, n))
+  hlo = fn.lower(w, x).compile().as_text()
+  ops = profiling.parse_hlo(hlo)
   assert any(op.opcode == "while" for op in ops.values())
-  assert not [op for op in ops.values() if op.opcode == "while" and op.matmul]  # a container, not a matmul
-  assert any(op.matmul for op in ops.values())
+  assert not [op for op in ops.values() if op.opcode == "while" and op.matmul]  # a container
+  run = lambda: fn(w, x).block_until_ready()
+  run()
+  p = profiling.summarise(hlo, run, str(tmp_path), flops=2 * n ** 3 * steps, repeats=3)
+  assert 0.5 * p["step_seconds"] <= p["op_seconds"] <= 2 * p["step_seconds"], p
+  assert p["matmul_fraction"] > 0.5 and all("while" not in o["op"] for o in p["top_ops"])
 
 
 def test_summarise_accounts_for_the_step(tmp_path):
