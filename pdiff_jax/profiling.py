@@ -64,11 +64,11 @@ def parse_hlo(hlo_text: str) -> dict[str, Op]:
 
   holds_dot: dict[str, bool] = {}
 
-  def computation_has_dot(name: str, seen=()) -> bool:
+  def computation_has_dot(name: str) -> bool:  # HLO calls form a DAG: memoised recursion ends
     if name not in holds_dot:
-      holds_dot[name] = False if name in seen else any(
+      holds_dot[name] = any(
           opcode in ("dot", "convolution") or
-          (opcode not in _CONTAINERS and any(computation_has_dot(c, seen + (name,)) for c in calls))
+          (opcode not in _CONTAINERS and any(computation_has_dot(c) for c in calls))
           for _, opcode, calls, _ in bodies.get(name, ()))
     return holds_dot[name]
 
