@@ -65,6 +65,17 @@ def _profile_subdir(profile_dir: str, part: str) -> str:
   return os.path.join(profile_dir, part)
 
 
+def _profile(compiled, run, logdir: str, flops: float, repeats: int = 3) -> dict:
+  """profiling.summarise of `run`; a summary that fails (an unfamiliar trace layout, say) is
+  reported in the JSON rather than losing the run's timings. The trace and the HLO stay in
+  `logdir` for profiling.summarise_trace to read again."""
+  try:
+    return profiling.summarise(compiled.as_text(), run, logdir, flops, repeats=repeats)
+  except Exception as e:  # noqa: BLE001 -- the measurements above must still be written
+    log.warning("profile summary in %s failed: %s: %s", logdir, type(e).__name__, e)
+    return {"error": f"{type(e).__name__}: {e}", "dir": logdir}
+
+
 def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dict:
   mesh = sharding_lib.make_mesh(config)
   model, tx = train.make_model(config), train.make_optimizer(config)
@@ -95,8 +106,7 @@ def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dic
            "flops_per_sec": flops / seconds, "step_seconds": seconds, "compile_seconds": compile_s,
            "batch_size": B}
     if profile_dir:
-      out["profile"] = profiling.summarise(compiled.as_text(), run,
-                                           _profile_subdir(profile_dir, "train"), flops)
+      out["profile"] = _profile(compiled, run, _profile_subdir(profile_dir, "train"), flops)
   return out
 
 
@@ -124,9 +134,8 @@ def bench_sample(config, repeats: int = 3, profile_dir: str | None = None) -> di
          "num_candidates": n, "steps": steps, "images_per_call": images,
          "flops_per_sec": step_flops / seconds, "compile_seconds": compile_s}
   if profile_dir:
-    out["profile"] = profiling.summarise(compiled.as_text(), run,
-                                         _profile_subdir(profile_dir, "sample"), step_flops,
-                                         repeats=1)
+    out["profile"] = _profile(compiled, run, _profile_subdir(profile_dir, "sample"), step_flops,
+                              repeats=1)
   return out
 
 
@@ -185,6 +194,12 @@ def run_bench(config, out: str, parts=("train", "sample", "clip"),
   return result
 
 
+def _profile_table(p: dict, rate: float) -> str:
+  if "error" in p:
+    return f"  profile summary failed ({p['error']}); trace and HLO in {p['dir']}"
+  return profiling.table(p, rate)
+
+
 def table(r: dict) -> str:
   lines = [f"device: {r['device']} ({r['backend']}, jax {r['jax']}, {r['compute_dtype']})",
            f"matmul: {r['matmul_flops_per_sec'] / 1e12:.2f} TFLOP/s"]
@@ -194,13 +209,13 @@ def table(r: dict) -> str:
                  f"{t['flops_per_sec'] / 1e12:.2f} TFLOP/s, MFU {100 * t['mfu']:.0f}%, "
                  f"compile {t['compile_seconds']:.1f} s")
     if "profile" in t:
-      lines.append(profiling.table(t["profile"], r["matmul_flops_per_sec"]))
+      lines.append(_profile_table(t["profile"], r["matmul_flops_per_sec"]))
   if "sample" in r:
     s = r["sample"]
     lines.append(f"sample: {s['images_per_sec']:.2f} images/s ({s['num_candidates']} candidates x "
                  f"{s['steps']} steps), MFU {100 * s['mfu']:.0f}%, compile {s['compile_seconds']:.1f} s")
     if "profile" in s:
-      lines.append(profiling.table(s["profile"], r["matmul_flops_per_sec"]))
+      lines.append(_profile_table(s["profile"], r["matmul_flops_per_sec"]))
   if "clip" in r and r["clip"].get("images_per_sec"):
     lines.append(f"clip:   {r['clip']['images_per_sec']:.1f} images/s ({r['clip']['model']})")
   return "\n".join(lines)

@@ -142,9 +142,19 @@ def summarise(hlo_text: str, fn: Callable[[], object], logdir: str, flops: float
   Figures are per call. `matmul_flops_per_sec` is the rate inside the matmul ops alone, so that
   MFU = matmul_flops_per_sec / device rate x matmul_seconds / step_seconds (+ any idle time).
   """
+  os.makedirs(logdir, exist_ok=True)
+  with open(os.path.join(logdir, "hlo.txt"), "w") as f:  # beside the trace: what it ran
+    f.write(hlo_text)
+  path, wall = trace(fn, logdir, repeats)
+  return summarise_trace(hlo_text, path, wall / repeats, flops, repeats, top)
+
+
+def summarise_trace(hlo_text: str, path: str, step_seconds: float, flops: float,
+                    repeats: int = 3, top: int = 12) -> dict:
+  """The summary of a trace of `repeats` calls already taken (`summarise`); `step_seconds` is
+  the wall time per call. Offline: `summarise_trace(open(D + "/hlo.txt").read(), trace, ...)`."""
   ops = parse_hlo(hlo_text)
   counted = {n for n, op in ops.items() if op.opcode not in _CONTAINERS}
-  path, wall = trace(fn, logdir, repeats)
   per_op = op_seconds(path, counted, module_name(hlo_text))
   per_call = {n: s / repeats for n, s in per_op.items()}
   op_total = sum(per_call.values())
@@ -161,7 +171,7 @@ def summarise(hlo_text: str, fn: Callable[[], object], logdir: str, flops: float
   ranked = sorted(per_call.items(), key=lambda kv: -kv[1])[:top]
   return {
       "trace": path,
-      "step_seconds": wall / repeats,
+      "step_seconds": step_seconds,
       "op_seconds": op_total,
       "matmul_seconds": matmul,
       "matmul_fraction": matmul / op_total if op_total else None,

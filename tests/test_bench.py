@@ -52,3 +52,20 @@ def test_bench_unknown_part_is_bad_usage(tmp_path):
   r = run_pdiff("bench", "--config=configs/tiny.py", f"--out={tmp_path / 'b.json'}", "--parts=train,gpu",
                 env={"XLA_FLAGS": ""})
   assert r.returncode == 2 and "--parts: unknown gpu" in r.stderr
+
+
+def test_a_failed_profile_summary_keeps_the_timings(tmp_path, monkeypatch):
+  """A trace the summary cannot read (an unfamiliar layout on some backend) is reported in the
+  JSON; the train step's timings are still measured and written."""
+  from pdiff_jax import bench, profiling
+
+  def unreadable(*args, **kwargs):
+    raise KeyError("traceEvents")
+
+  monkeypatch.setattr(profiling, "op_seconds", unreadable)
+  config = load_config("tiny")
+  t = bench.bench_train(config, repeats=1, profile_dir=str(tmp_path))
+  assert t["examples_per_sec"] > 0
+  assert t["profile"] == {"error": "KeyError: 'traceEvents'", "dir": str(tmp_path / "train")}
+  assert (tmp_path / "train" / "hlo.txt").exists()
+  assert "profile summary failed (KeyError: 'traceEvents')" in bench._profile_table(t["profile"], 1e9)

@@ -67,6 +67,10 @@ def test_summarise_accounts_for_the_step(tmp_path):
   assert sum(p["other_seconds_by_primitive"].values()) == pytest.approx(p["op_seconds"] - p["matmul_seconds"])
   assert p["top_ops"][0]["matmul"] and p["top_ops"][0]["seconds"] > 0
   assert "matmul ops" in profiling.table(p, rate=1e11)
+  # The HLO is kept beside the trace, and the summary can be made again from the two offline.
+  hlo = (tmp_path / "hlo.txt").read_text()
+  assert hlo == fn.lower(a, b).compile().as_text()
+  assert profiling.summarise_trace(hlo, p["trace"], p["step_seconds"], 4 * n ** 3) == p
 
 
 def test_parse_hlo_counts_library_gemms_as_matmuls():
