@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -261,6 +261,22 @@ class PrefixDenoiser(nn.Module):
     h_BLD = h_BTD[:, :length]
     x0_BLW = self.down_fc2(drop(jnp.tanh(self.down_fc1(h_BLD))))
     return x0_BLW.astype(jnp.float32)
+
+
+def dense_params_in(params, dtype: Dtype):
+  """`params` with every Dense kernel and bias already in `dtype`, the compute dtype its Dense
+  casts them to on each call: the same numbers, cast once. The sampler does this before its
+  step loop, which XLA does not hoist the casts out of (with bf16 compute on an H100 they were
+  ~9% of the sampler's time). LayerNorm parameters and the embedding tables stay as they are."""
+
+  def cast(tree):
+    if not isinstance(tree, Mapping):
+      return tree
+    if "kernel" in tree:  # a Dense: its kernel and bias (a LayerNorm has a bias, no kernel)
+      return {k: v.astype(dtype) if k in ("kernel", "bias") else v for k, v in tree.items()}
+    return {k: cast(v) for k, v in tree.items()}
+
+  return cast(params)
 
 
 def count_params(params) -> int:

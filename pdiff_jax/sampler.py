@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdiff_jax import diffusion
+from pdiff_jax import model as model_lib
 
 MODES = ("rediscretise", "respace")
 
@@ -112,6 +113,7 @@ def sample_tokens(model, params, clip_BF: jax.Array, keys_BN: jax.Array, sched: 
   """Token ids (B, N, L): N candidates for each of B images, all in parallel (vmap x vmap)."""
   cfg = model.cfg
   table = params["params"]["word_embedding"].astype(jnp.float32)
+  params = model_lib.dense_params_in(params, cfg.dtype)  # cast once, not at every step
 
   def one(clip_F, key):
     x0 = sample_chain(model_denoiser(model, params, clip_F), table, sched, key,

@@ -125,3 +125,57 @@ def test_candidate_keys_do_not_depend_on_batching():
   b = S.candidate_keys(7, jnp.arange(4, 6), 3)
   np.testing.assert_array_equal(jax.random.key_data(a[4:]), jax.random.key_data(b))
   assert not np.array_equal(jax.random.key_data(a[0, 0]), jax.random.key_data(a[0, 1]))
+
+
+def _weight_casts_in_loop(fn, *args) -> list[tuple[int, ...]]:
+  """Shapes of the loop-invariant inputs of the step loop in fn's jaxpr (fori_loop with static
+  bounds lowers to a scan) that are converted to bf16 at every step: weights cast in the body."""
+
+  def loops(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name in ("scan", "while"):
+        yield e
+      for v in e.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+            yield from loops(getattr(sub, "jaxpr", sub))
+
+  [loop] = list(loops(jax.make_jaxpr(fn)(*args).jaxpr))
+  if loop.primitive.name == "scan":
+    body, nconsts = loop.params["jaxpr"].jaxpr, loop.params["num_consts"]
+  else:
+    body, nconsts = loop.params["body_jaxpr"].jaxpr, loop.params["body_nconsts"]
+  consts = set(body.invars[:nconsts])
+  return sorted(e.invars[0].aval.shape for e in body.eqns
+                if e.primitive.name == "convert_element_type" and e.invars[0] in consts
+                and e.params["new_dtype"] == jnp.bfloat16)
+
+
+def test_bf16_sampler_casts_the_dense_weights_once(tiny):
+  """With bf16 compute the sampler casts every Dense kernel and bias before its step loop: the
+  network gives bit-for-bit the same output as with the fp32 weights it would cast at each step,
+  and no Dense weight is converted inside the loop (the (2, D) token-type table still is)."""
+  import dataclasses
+  from pdiff_jax.model import dense_params_in
+  config, model, params, clip = tiny
+  m16 = PrefixDenoiser(dataclasses.replace(model.cfg, dtype=jnp.bfloat16))
+  cast = dense_params_in(params, jnp.bfloat16)
+  p, c = params["params"], cast["params"]
+  assert c["time_fc1"]["kernel"].dtype == c["time_fc1"]["bias"].dtype == jnp.bfloat16
+  assert c["text_ln"]["bias"].dtype == c["word_embedding"].dtype == jnp.float32  # not Dense
+  assert jax.tree.structure(c) == jax.tree.structure(p)
+  cfg = model.cfg
+  x = jax.random.normal(jax.random.key(2), (3, cfg.max_len, cfg.word_dim))
+  t = jnp.array([5.0, 50.0, 90.0])
+  np.testing.assert_array_equal(m16.apply(cast, x, t, clip), m16.apply(params, x, t, clip))
+
+  sched = S.make_sampling_schedule("trunc_cos", 100, 10)
+  keys = S.candidate_keys(0, jnp.arange(3), 2)
+  assert _weight_casts_in_loop(lambda p, c, k: S.sample_tokens(m16, p, c, k, sched),
+                               params, clip, keys) == [p["token_type_embedding"].shape]
+  # The check sees the casts where the chain is given the fp32 weights directly.
+  table = params["params"]["word_embedding"]
+  chain = lambda p, c, k: S.sample_chain(S.model_denoiser(m16, p, c), table, sched, k,
+                                         (cfg.max_len, cfg.word_dim))
+  fp32_casts = _weight_casts_in_loop(chain, params, clip[0], keys[0, 0])
+  assert (cfg.hidden_size, cfg.mlp_dim) in fp32_casts and (cfg.mlp_dim,) in fp32_casts
