@@ -41,6 +41,7 @@ class Op(NamedTuple):
   matmul: bool     # a dot or convolution, or a fusion that holds one
   phase: str       # "forward", "backward" or "rest"
   op_name: str     # the JAX op_name from the HLO metadata
+  computation: str = ""  # the HLO computation it is in (its instructions in schedule order)
 
 
 def parse_hlo(hlo_text: str) -> dict[str, Op]:
@@ -73,12 +74,12 @@ def parse_hlo(hlo_text: str) -> dict[str, Op]:
     return holds_dot[name]
 
   ops = {}
-  for body in bodies.values():
+  for computation, body in bodies.items():
     for name, opcode, calls, op_name in body:
       matmul = opcode in ("dot", "convolution") or (
           opcode not in _CONTAINERS and any(computation_has_dot(c) for c in calls))
       phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "rest"
-      ops[name] = Op(opcode, matmul, phase, op_name)
+      ops[name] = Op(opcode, matmul, phase, op_name, computation)
   return ops
 
 
@@ -101,12 +102,39 @@ _DERIVED_LINES = {"XLA Ops", "XLA Modules", "Steps", "Framework Ops", "Framework
                   "Source code", "TensorFlow Ops", "TensorFlow Name Scope"}
 
 
-def op_seconds(trace_path: str, names, module: str | None = None) -> collections.Counter:
-  """Seconds of the trace's complete events per XLA op, for the op names given, of `module` only.
+# Library kernels (cuBLAS/cuBLASLt gemms, CUTLASS, cuDNN) by their kernel names, for kernels that
+# run inside a command buffer, where the trace does not name the HLO op that launched them.
+_LIBRARY_MATMUL_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|cudnn", re.IGNORECASE)
+
+
+def kernel_name(op: str) -> str:
+  """The name XLA's GPU backend gives the kernel of HLO op `op` ('.' and '-' become '_')."""
+  return re.sub(r"[.\-]", "_", op)
+
+
+def _next_gemms(ops: dict[str, Op]) -> dict[str, str]:
+  """For each op, the next library gemm (a "dot" custom-call) after it in its computation."""
+  following, upcoming = {}, {}
+  for name, op in reversed(list(ops.items())):  # parse order: each computation in schedule order
+    if upcoming.get(op.computation) is not None:
+      following[name] = upcoming[op.computation]
+    if op.opcode == "dot" and op.computation:
+      upcoming[op.computation] = name
+  return following
+
+
+def op_seconds(trace_path: str, ops: dict[str, Op], module: str | None = None
+               ) -> tuple[collections.Counter, dict[str, Op], int]:
+  """Seconds of the trace's complete events per XLA op of `ops`, of `module` only; with the ops
+  made up for kernels no HLO op accounts for, and the number of events counted.
 
   Only events that carry an `hlo_op` argument count (CPU thunks, GPU kernels), and none on the
   viewer's derived lines. Where the trace has device lanes (a GPU's or TPU's), only those count,
-  so host-side launch events are not counted twice.
+  so host-side launch events are not counted twice. A GPU kernel inside a command buffer (a CUDA
+  graph) carries the buffer's name as its `hlo_op`, so it is matched to its op by kernel name;
+  a library kernel there (cuBLAS names its own) is given to the next library gemm after the op
+  matched before it on its stream, in the schedule; failing that, it is counted under
+  "[unattributed] KERNEL" (a matmul if its name says gemm).
   """
   with gzip.open(trace_path) as f:
     data = json.load(f)
@@ -116,18 +144,31 @@ def op_seconds(trace_path: str, names, module: str | None = None) -> collections
              and str((e.get("args") or {}).get("name", "")).startswith("/device:")}
   derived = {(e["pid"], e.get("tid")) for e in meta if e.get("name") == "thread_name"
              and (e.get("args") or {}).get("name") in _DERIVED_LINES}
-  total = collections.Counter()
-  for e in events:
-    if (e.get("ph") != "X" or (devices and e.get("pid") not in devices)
-        or (e.get("pid"), e.get("tid")) in derived):
-      continue
-    args = e.get("args") or {}
+  by_kernel = {kernel_name(n): n for n in ops}
+  next_gemm = _next_gemms(ops)
+  total, made_up, counted = collections.Counter(), {}, 0
+  previous: dict[tuple, str] = {}  # per stream, the op its last kernel belonged to
+  selected = [e for e in events
+              if e.get("ph") == "X" and not (devices and e.get("pid") not in devices)
+              and (e.get("pid"), e.get("tid")) not in derived and "hlo_op" in (e.get("args") or {})]
+  for e in sorted(selected, key=lambda e: float(e.get("ts", 0.0))):
+    args, lane, kernel = e["args"], (e.get("pid"), e.get("tid")), e.get("name", "")
     if module and args.get("hlo_module", module) != module:
       continue
-    name = args.get("hlo_op")
-    if name in names:
-      total[name] += float(e.get("dur", 0.0)) * 1e-6  # Perfetto JSON durations are microseconds
-  return total
+    name = args["hlo_op"] if args["hlo_op"] in ops else by_kernel.get(kernel)
+    if name is None and devices:  # in a command buffer, a kernel no op is named after
+      library = bool(_LIBRARY_MATMUL_KERNEL.search(kernel))
+      name = next_gemm.get(previous.get(lane)) if library else None
+      if name is None:
+        name = f"[unattributed] {kernel}"
+        made_up.setdefault(name, Op("kernel", library, "unattributed", ""))
+    if name is None:
+      continue
+    if name in ops:
+      previous[lane] = name
+    total[name] += float(e.get("dur", 0.0)) * 1e-6  # Perfetto JSON durations are microseconds
+    counted += 1
+  return total, made_up, counted
 
 
 def module_name(hlo_text: str) -> str | None:
@@ -153,9 +194,9 @@ def summarise_trace(hlo_text: str, path: str, step_seconds: float, flops: float,
                     repeats: int = 3, top: int = 12) -> dict:
   """The summary of a trace of `repeats` calls already taken (`summarise`); `step_seconds` is
   the wall time per call. Offline: `summarise_trace(open(D + "/hlo.txt").read(), trace, ...)`."""
-  ops = parse_hlo(hlo_text)
-  counted = {n for n, op in ops.items() if op.opcode not in _CONTAINERS}
-  per_op = op_seconds(path, counted, module_name(hlo_text))
+  ops = {n: op for n, op in parse_hlo(hlo_text).items() if op.opcode not in _CONTAINERS}
+  per_op, made_up, events = op_seconds(path, ops, module_name(hlo_text))
+  ops.update(made_up)
   per_call = {n: s / repeats for n, s in per_op.items()}
   op_total = sum(per_call.values())
   matmul = sum(s for n, s in per_call.items() if ops[n].matmul)
@@ -173,6 +214,7 @@ def summarise_trace(hlo_text: str, path: str, step_seconds: float, flops: float,
       "trace": path,
       "step_seconds": step_seconds,
       "op_seconds": op_total,
+      "events_per_call": events / repeats,
       "matmul_seconds": matmul,
       "matmul_fraction": matmul / op_total if op_total else None,
       "matmul_flops_per_sec": flops / matmul if matmul else None,

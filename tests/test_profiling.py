@@ -90,3 +90,51 @@ ENTRY %main.1 (a.1: f32[8,8], b.1: f32[8,8]) -> f32[8,8] {
   assert ops["cublas-gemm.1"].matmul and ops["cublas-gemm.1"].phase == "forward"
   assert not ops["topk.1"].matmul and ops["topk.1"].phase == "rest"
   assert not ops["gte.1"].matmul
+
+
+def test_gpu_command_buffer_kernels_are_matched_to_their_ops(tmp_path):
+  """On a GPU, XLA runs most of a step as command buffers (CUDA graphs): every kernel's `hlo_op` is
+  then the buffer's name. XLA's own kernels are matched by name (fusion `a.3` runs as kernel
+  `a_3`), a cuBLAS kernel goes to the next gemm in the schedule, a memset stays unattributed; the
+  viewer's derived "XLA Ops" line and host events are not counted."""
+  import gzip
+  import json
+  hlo = """HloModule jit_step, is_scheduled=true
+
+ENTRY %main.9 (a.1: bf16[8,8], b.1: bf16[8,8]) -> bf16[8,8] {
+  %a.1 = bf16[8,8]{1,0} parameter(0), metadata={op_name="a"}
+  %b.1 = bf16[8,8]{1,0} parameter(1), metadata={op_name="b"}
+  %loop_add_fusion.3 = bf16[8,8]{1,0} fusion(%a.1, %b.1), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(M)/add"}
+  %custom-call.7 = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%loop_add_fusion.3, %b.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/transpose(jvp(M))/dot_general"}
+  ROOT %get-tuple-element.2 = bf16[8,8]{1,0} get-tuple-element(%custom-call.7), index=0
+}
+"""
+  device, host = 1, 700
+  buffer = {"hlo_op": "command_buffer_0", "hlo_module": "jit_step"}
+  events = [
+      {"ph": "M", "name": "process_name", "pid": device, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "thread_name", "pid": device, "tid": 14, "args": {"name": "Stream #14(Compute)"}},
+      {"ph": "M", "name": "thread_name", "pid": device, "tid": 99, "args": {"name": "XLA Ops"}},
+      {"ph": "M", "name": "process_name", "pid": host, "args": {"name": "/host:CPU"}},
+  ]
+  for step in range(2):
+    t0 = 1000.0 * step
+    events += [
+        {"ph": "X", "pid": device, "tid": 14, "ts": t0, "dur": 10.0, "name": "loop_add_fusion_3", "args": buffer},
+        {"ph": "X", "pid": device, "tid": 14, "ts": t0 + 12, "dur": 30.0,
+         "name": "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "args": buffer},
+        {"ph": "X", "pid": device, "tid": 14, "ts": t0 + 45, "dur": 1.0, "name": "Memset 0", "args": buffer},
+        {"ph": "X", "pid": device, "tid": 99, "ts": t0, "dur": 46.0, "name": "command_buffer_0", "args": buffer},
+        {"ph": "X", "pid": host, "tid": 3, "ts": t0, "dur": 50.0, "name": "ExecuteCommandBuffer", "args": buffer},
+    ]
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  p = profiling.summarise_trace(hlo, str(path), step_seconds=60e-6, flops=2 * 8 ** 3, repeats=2)
+  assert p["events_per_call"] == 3
+  assert p["op_seconds"] == pytest.approx(41e-6)
+  assert p["matmul_seconds"] == pytest.approx(30e-6)
+  assert p["phase_seconds"]["backward"] == pytest.approx({"matmul": 30e-6, "other": 0.0})
+  assert p["phase_seconds"]["forward"] == pytest.approx({"matmul": 0.0, "other": 10e-6})
+  assert p["phase_seconds"]["unattributed"] == pytest.approx({"matmul": 0.0, "other": 1e-6})
+  assert [o["op"] for o in p["top_ops"]] == ["custom-call.7", "loop_add_fusion.3", "[unattributed] Memset 0"]
