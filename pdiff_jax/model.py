@@ -267,7 +267,9 @@ def dense_params_in(params, dtype: Dtype):
   """`params` with every Dense kernel and bias already in `dtype`, the compute dtype its Dense
   casts them to on each call: the same numbers, cast once. The sampler does this before its
   step loop, which XLA does not hoist the casts out of (with bf16 compute on an H100 they were
-  ~9% of the sampler's time). LayerNorm parameters and the embedding tables stay as they are."""
+  ~9% of the sampler's time). LayerNorm parameters and the embedding tables stay as they are.
+  Every module with a `kernel` here is a `Dense` built with `cfg.dtype`; a module computing in
+  another dtype would need its own rule."""
 
   def cast(tree):
     if not isinstance(tree, Mapping):

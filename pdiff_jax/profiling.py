@@ -42,11 +42,23 @@ class Op(NamedTuple):
   phase: str       # "forward", "backward" or "rest"
   op_name: str     # the JAX op_name from the HLO metadata
   computation: str = ""  # the HLO computation it is in (its instructions in schedule order)
+  position: int = 0      # its place in that computation's schedule
+  kernel: str = ""       # what it computes, without names: ops alike here can share one kernel
+
+
+_NAMES = re.compile(r"%[\w.\-]+")
+_METADATA = re.compile(r",? (?:metadata|backend_config|frontend_attributes)=(?:\{.*?\}|\S+)(?=,? \w+=|$)")
+
+
+def _unnamed(line: str) -> str:
+  """An instruction without its own, its operands' and its metadata's names."""
+  line = _METADATA.sub("", line.strip())
+  return _NAMES.sub("%", re.sub(r"^(?:ROOT )?%?[\w.\-]+ = ", "", line))
 
 
 def parse_hlo(hlo_text: str) -> dict[str, Op]:
   """Every instruction of a compiled module's text (`compiled.as_text()`), by name."""
-  bodies: dict[str, list[tuple[str, str, list[str], str]]] = {}
+  bodies: dict[str, list[tuple[str, str, list[str], str, str]]] = {}
   current = None
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
@@ -61,7 +73,8 @@ def parse_hlo(hlo_text: str) -> dict[str, Op]:
       opcode = m.group(2)
       if opcode == "custom-call" and _MATMUL_CALL.search(line):
         opcode = "dot"  # counts as a matmul like XLA's own dot
-      current.append((m.group(1), opcode, calls, op_name.group(1) if op_name else ""))
+      current.append((m.group(1), opcode, calls, op_name.group(1) if op_name else "",
+                      _unnamed(line)))
 
   holds_dot: dict[str, bool] = {}
 
@@ -70,16 +83,19 @@ def parse_hlo(hlo_text: str) -> dict[str, Op]:
       holds_dot[name] = any(
           opcode in ("dot", "convolution") or
           (opcode not in _CONTAINERS and any(computation_has_dot(c) for c in calls))
-          for _, opcode, calls, _ in bodies.get(name, ()))
+          for _, opcode, calls, _, _ in bodies.get(name, ()))
     return holds_dot[name]
 
   ops = {}
   for computation, body in bodies.items():
-    for name, opcode, calls, op_name in body:
+    for position, (name, opcode, calls, op_name, text) in enumerate(body):
       matmul = opcode in ("dot", "convolution") or (
           opcode not in _CONTAINERS and any(computation_has_dot(c) for c in calls))
       phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "rest"
-      ops[name] = Op(opcode, matmul, phase, op_name, computation)
+      # A fusion's kernel is its called computation's body: two fusions alike up to names may
+      # run as one kernel (XLA's GPU backend reuses it, under the first one's name).
+      kernel = "\n".join([text] + [line for c in calls for *_, line in bodies.get(c, ())])
+      ops[name] = Op(opcode, matmul, phase, op_name, computation, position, kernel)
   return ops
 
 
@@ -131,10 +147,10 @@ def op_seconds(trace_path: str, ops: dict[str, Op], module: str | None = None
   Only events that carry an `hlo_op` argument count (CPU thunks, GPU kernels), and none on the
   viewer's derived lines. Where the trace has device lanes (a GPU's or TPU's), only those count,
   so host-side launch events are not counted twice. A GPU kernel inside a command buffer (a CUDA
-  graph) carries the buffer's name as its `hlo_op`, so it is matched to its op by kernel name;
-  a library kernel there (cuBLAS names its own) is given to the next library gemm after the op
-  matched before it on its stream, in the schedule; failing that, it is counted under
-  "[unattributed] KERNEL" (a matmul if its name says gemm).
+  graph) carries the buffer's name as its `hlo_op`, so it is matched to its op by kernel name,
+  following the schedule where ops alike share a kernel; a library kernel there (cuBLAS names
+  its own) is given to the next library gemm after the op matched before it on its stream;
+  failing that, it is counted under "[unattributed] KERNEL" (a matmul if its name says gemm).
   """
   with gzip.open(trace_path) as f:
     data = json.load(f)
@@ -145,9 +161,29 @@ def op_seconds(trace_path: str, ops: dict[str, Op], module: str | None = None
   derived = {(e["pid"], e.get("tid")) for e in meta if e.get("name") == "thread_name"
              and (e.get("args") or {}).get("name") in _DERIVED_LINES}
   by_kernel = {kernel_name(n): n for n in ops}
+  alike = collections.defaultdict(list)  # ops that may share a kernel, in schedule order
+  for n, op in ops.items():
+    alike[op.kernel].append(n)
   next_gemm = _next_gemms(ops)
   total, made_up, counted = collections.Counter(), {}, 0
   previous: dict[tuple, str] = {}  # per stream, the op its last kernel belonged to
+
+  def named_op(kernel: str, lane) -> str | None:
+    """The op that ran `kernel`: the op it is named after, or, when that kernel is shared, the
+    first op alike after the stream's last op in its computation (else the first there: a
+    loop's next iteration; else the namesake)."""
+    name = by_kernel.get(kernel)
+    group = alike[ops[name].kernel] if name is not None else ()
+    if len(group) < 2:
+      return name
+    last = ops.get(previous.get(lane, ""))
+    if last is not None:
+      here = [n for n in group if ops[n].computation == last.computation]
+      after = [n for n in here if ops[n].position > last.position]
+      if after or here:
+        return (after or here)[0]
+    return name
+
   selected = [e for e in events
               if e.get("ph") == "X" and not (devices and e.get("pid") not in devices)
               and (e.get("pid"), e.get("tid")) not in derived and "hlo_op" in (e.get("args") or {})]
@@ -155,7 +191,7 @@ def op_seconds(trace_path: str, ops: dict[str, Op], module: str | None = None
     args, lane, kernel = e["args"], (e.get("pid"), e.get("tid")), e.get("name", "")
     if module and args.get("hlo_module", module) != module:
       continue
-    name = args["hlo_op"] if args["hlo_op"] in ops else by_kernel.get(kernel)
+    name = args["hlo_op"] if args["hlo_op"] in ops else named_op(kernel, lane)
     if name is None and devices:  # in a command buffer, a kernel no op is named after
       library = bool(_LIBRARY_MATMUL_KERNEL.search(kernel))
       name = next_gemm.get(previous.get(lane)) if library else None

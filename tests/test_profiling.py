@@ -95,20 +95,40 @@ ENTRY %main.1 (a.1: f32[8,8], b.1: f32[8,8]) -> f32[8,8] {
 def test_gpu_command_buffer_kernels_are_matched_to_their_ops(tmp_path):
   """On a GPU, XLA runs most of a step as command buffers (CUDA graphs): every kernel's `hlo_op` is
   then the buffer's name. XLA's own kernels are matched by name (fusion `a.3` runs as kernel
-  `a_3`), a cuBLAS kernel goes to the next gemm in the schedule, a memset stays unattributed; the
-  viewer's derived "XLA Ops" line and host events are not counted."""
+  `a_3`), and where two fusions alike share one kernel, by the schedule; a cuBLAS kernel goes to
+  the next gemm in the schedule; a memset, or a library kernel before any op, stays unattributed.
+  The viewer's derived "XLA Ops" line and host events are not counted; event order in the file
+  does not matter."""
   import gzip
   import json
+  import random
   hlo = """HloModule jit_step, is_scheduled=true
+
+%fused_add (p0: bf16[8,8], p1: bf16[8,8]) -> bf16[8,8] {
+  %p0 = bf16[8,8]{1,0} parameter(0)
+  %p1 = bf16[8,8]{1,0} parameter(1)
+  ROOT %add.0 = bf16[8,8]{1,0} add(%p0, %p1)
+}
+
+%fused_add.1 (q0: bf16[8,8], q1: bf16[8,8]) -> bf16[8,8] {
+  %q0 = bf16[8,8]{1,0} parameter(0)
+  %q1 = bf16[8,8]{1,0} parameter(1)
+  ROOT %add.1 = bf16[8,8]{1,0} add(%q0, %q1)
+}
 
 ENTRY %main.9 (a.1: bf16[8,8], b.1: bf16[8,8]) -> bf16[8,8] {
   %a.1 = bf16[8,8]{1,0} parameter(0), metadata={op_name="a"}
   %b.1 = bf16[8,8]{1,0} parameter(1), metadata={op_name="b"}
   %loop_add_fusion.3 = bf16[8,8]{1,0} fusion(%a.1, %b.1), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(M)/add"}
   %custom-call.7 = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%loop_add_fusion.3, %b.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/transpose(jvp(M))/dot_general"}
-  ROOT %get-tuple-element.2 = bf16[8,8]{1,0} get-tuple-element(%custom-call.7), index=0
+  %get-tuple-element.2 = bf16[8,8]{1,0} get-tuple-element(%custom-call.7), index=0
+  %loop_add_fusion.4 = bf16[8,8]{1,0} fusion(%get-tuple-element.2, %b.1), kind=kLoop, calls=%fused_add.1, metadata={op_name="jit(step)/add"}
+  %custom-call.8 = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%loop_add_fusion.4, %b.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(M)/dot_general"}
+  ROOT %get-tuple-element.3 = bf16[8,8]{1,0} get-tuple-element(%custom-call.8), index=0
 }
 """
+  ops = profiling.parse_hlo(hlo)
+  assert ops["loop_add_fusion.3"].kernel == ops["loop_add_fusion.4"].kernel  # alike up to names
   device, host = 1, 700
   buffer = {"hlo_op": "command_buffer_0", "hlo_module": "jit_step"}
   events = [
@@ -116,25 +136,35 @@ ENTRY %main.9 (a.1: bf16[8,8], b.1: bf16[8,8]) -> bf16[8,8] {
       {"ph": "M", "name": "thread_name", "pid": device, "tid": 14, "args": {"name": "Stream #14(Compute)"}},
       {"ph": "M", "name": "thread_name", "pid": device, "tid": 99, "args": {"name": "XLA Ops"}},
       {"ph": "M", "name": "process_name", "pid": host, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": device, "tid": 14, "ts": -10.0, "dur": 2.0, "name": "cutlass_80_gemm_k", "args": buffer},
   ]
+  kernel = lambda ts, dur, name: {"ph": "X", "pid": device, "tid": 14, "ts": ts, "dur": dur,
+                                  "name": name, "args": buffer}
   for step in range(2):
     t0 = 1000.0 * step
     events += [
-        {"ph": "X", "pid": device, "tid": 14, "ts": t0, "dur": 10.0, "name": "loop_add_fusion_3", "args": buffer},
-        {"ph": "X", "pid": device, "tid": 14, "ts": t0 + 12, "dur": 30.0,
-         "name": "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "args": buffer},
-        {"ph": "X", "pid": device, "tid": 14, "ts": t0 + 45, "dur": 1.0, "name": "Memset 0", "args": buffer},
-        {"ph": "X", "pid": device, "tid": 99, "ts": t0, "dur": 46.0, "name": "command_buffer_0", "args": buffer},
-        {"ph": "X", "pid": host, "tid": 3, "ts": t0, "dur": 50.0, "name": "ExecuteCommandBuffer", "args": buffer},
+        kernel(t0, 10.0, "loop_add_fusion_3"),
+        kernel(t0 + 12, 30.0, "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT"),
+        kernel(t0 + 45, 5.0, "loop_add_fusion_3"),  # loop_add_fusion.4, on the kernel of .3
+        kernel(t0 + 52, 20.0, "nvjet_sm90_tst_192x96_64x5_1x2_h_bz_TNN"),
+        kernel(t0 + 75, 1.0, "Memset 0"),
+        {"ph": "X", "pid": device, "tid": 99, "ts": t0, "dur": 76.0, "name": "command_buffer_0", "args": buffer},
+        {"ph": "X", "pid": host, "tid": 3, "ts": t0, "dur": 80.0, "name": "ExecuteCommandBuffer", "args": buffer},
     ]
+  random.Random(0).shuffle(events)
   path = tmp_path / "perfetto_trace.json.gz"
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": events}, f)
-  p = profiling.summarise_trace(hlo, str(path), step_seconds=60e-6, flops=2 * 8 ** 3, repeats=2)
-  assert p["events_per_call"] == 3
-  assert p["op_seconds"] == pytest.approx(41e-6)
-  assert p["matmul_seconds"] == pytest.approx(30e-6)
-  assert p["phase_seconds"]["backward"] == pytest.approx({"matmul": 30e-6, "other": 0.0})
-  assert p["phase_seconds"]["forward"] == pytest.approx({"matmul": 0.0, "other": 10e-6})
-  assert p["phase_seconds"]["unattributed"] == pytest.approx({"matmul": 0.0, "other": 1e-6})
-  assert [o["op"] for o in p["top_ops"]] == ["custom-call.7", "loop_add_fusion.3", "[unattributed] Memset 0"]
+  p = profiling.summarise_trace(hlo, str(path), step_seconds=100e-6, flops=4 * 8 ** 3, repeats=2)
+  seconds = {o["op"]: o["seconds"] for o in p["top_ops"]}
+  assert seconds == pytest.approx({"custom-call.7": 30e-6, "custom-call.8": 20e-6,
+                                   "loop_add_fusion.3": 10e-6, "loop_add_fusion.4": 5e-6,
+                                   "[unattributed] cutlass_80_gemm_k": 1e-6,
+                                   "[unattributed] Memset 0": 1e-6})
+  assert p["events_per_call"] == 5.5
+  assert p["matmul_seconds"] == pytest.approx(51e-6)
+  expected = {"backward": {"matmul": 30e-6, "other": 0.0}, "forward": {"matmul": 20e-6, "other": 10e-6},
+              "rest": {"matmul": 0.0, "other": 5e-6}, "unattributed": {"matmul": 1e-6, "other": 1e-6}}
+  assert set(p["phase_seconds"]) == set(expected)
+  for phase, seconds in expected.items():
+    assert p["phase_seconds"][phase] == pytest.approx(seconds), phase
