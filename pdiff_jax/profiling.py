@@ -93,8 +93,10 @@ def parse_hlo(hlo_text: str) -> dict[str, Op]:
           opcode not in _CONTAINERS and any(computation_has_dot(c) for c in calls))
       phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "rest"
       # A fusion's kernel is its called computation's body: two fusions alike up to names may
-      # run as one kernel (XLA's GPU backend reuses it, under the first one's name).
-      kernel = "\n".join([text] + [line for c in calls for *_, line in bodies.get(c, ())])
+      # run as one kernel (XLA's GPU backend reuses it, under the first one's name). A
+      # container launches no kernel of its own.
+      kernel = "" if opcode in _CONTAINERS else "\n".join(
+          [text] + [line for c in calls for *_, line in bodies.get(c, ())])
       ops[name] = Op(opcode, matmul, phase, op_name, computation, position, kernel)
   return ops
 
