@@ -72,11 +72,43 @@ def _has(path: str, names: Sequence[str]) -> bool:
   return any(os.path.exists(os.path.join(path, n)) for n in names)
 
 
+# Fixed chunk sizes: each tower compiles once, whatever the count, and the memory of one call is
+# bounded (ViT-L/14 at these sizes: tests/test_clip.py reads XLA's memory analysis).
+IMAGE_CHUNK = 64
+TEXT_CHUNK = 256
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-max(n, 1) // multiple) * multiple
+
+
+def image_encoder(model, mesh: Mesh):
+  """Jitted `f(params, pixels_BCHW) -> (B, E)`, batch sharded on the mesh's `data` axis."""
+  batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  return jax.jit(lambda p, x: model.get_image_features(pixel_values=x, params=p),
+                 in_shardings=(replicated, batch), out_shardings=batch)
+
+
+def text_encoder(model, mesh: Mesh):
+  """Jitted `f(params, ids_BL, mask_BL) -> (B, E)`, batch sharded on the mesh's `data` axis."""
+  batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  return jax.jit(
+      lambda p, ids, mask: model.get_text_features(input_ids=ids, attention_mask=mask, params=p),
+      in_shardings=(replicated, batch, batch), out_shardings=batch)
+
+
 class Clip:
-  """A loaded CLIP: parameters, tokenizer, image transform and jitted, sharded encoders."""
+  """A loaded CLIP: parameters, tokenizer, image transform and jitted, sharded encoders.
+
+  Both encoders take any number of inputs in chunks of a fixed size (`image_chunk`,
+  `text_chunk`, rounded up to a multiple of the local devices; the last chunk zero-padded), so
+  each tower compiles once and one call's memory does not grow with the count. The next chunk
+  is dispatched before the previous one is read back.
+  """
 
   def __init__(self, name: str, model, params, tokenizer, transform: ImageTransform,
-               devices: Sequence[jax.Device] | None = None):
+               devices: Sequence[jax.Device] | None = None, image_chunk: int = IMAGE_CHUNK,
+               text_chunk: int = TEXT_CHUNK):
     self.name, self.model, self.tokenizer, self.transform = name, model, tokenizer, transform
     self.embed_dim = int(model.config.projection_dim)
     self.max_text_len = int(model.config.text_config.max_position_embeddings)
@@ -84,17 +116,15 @@ class Clip:
     devices = list(jax.local_devices() if devices is None else devices)
     self.mesh = Mesh(np.asarray(devices), ("data",))
     self._batch = NamedSharding(self.mesh, P("data"))
-    replicated = NamedSharding(self.mesh, P())
-    self.params = jax.device_put(params, replicated)
-    self._images = jax.jit(lambda p, x: model.get_image_features(pixel_values=x, params=p),
-                           in_shardings=(replicated, self._batch), out_shardings=self._batch)
-    self._texts = jax.jit(
-        lambda p, ids, mask: model.get_text_features(input_ids=ids, attention_mask=mask, params=p),
-        in_shardings=(replicated, self._batch, self._batch), out_shardings=self._batch)
+    self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+    self.image_chunk = _round_up(int(image_chunk), len(devices))
+    self.text_chunk = _round_up(int(text_chunk), len(devices))
+    self._images = image_encoder(model, self.mesh)
+    self._texts = text_encoder(model, self.mesh)
 
   @classmethod
-  def load(cls, name: str, devices: Sequence[jax.Device] | None = None,
-           dtype=jnp.float32) -> "Clip":
+  def load(cls, name: str, devices: Sequence[jax.Device] | None = None, dtype=jnp.float32,
+           image_chunk: int = IMAGE_CHUNK, text_chunk: int = TEXT_CHUNK) -> "Clip":
     from transformers import AutoTokenizer, CLIPImageProcessor, FlaxCLIPModel
     local = os.path.isdir(name)
     if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -122,23 +152,42 @@ class Clip:
       raise ClipLoadError(f"cannot load CLIP {name!r} as a {where}: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return cls(name, model, model.params, tokenizer, ImageTransform.from_processor(processor),
-               devices)
+               devices, image_chunk, text_chunk)
 
   @property
   def num_params(self) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.params))
 
-  def _pad(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-    n, d = x.shape[0], self.mesh.devices.size
-    padded = -(-max(n, 1) // d) * d
-    if padded != n:
-      x = np.concatenate([x, np.zeros((padded - n,) + x.shape[1:], x.dtype)])
-    return x, n
+  def _chunked(self, fn, arrays: Sequence[np.ndarray], chunk: int) -> np.ndarray:
+    """`fn(params, *chunks)` over fixed-size chunks of `arrays` (the last zero-padded), joined."""
+    n = len(arrays[0])
+    out, pending = [], None
+    for start in range(0, max(n, 1), chunk):
+      parts = []
+      for a in arrays:
+        part = a[start:start + chunk]
+        if len(part) < chunk:
+          part = np.concatenate([part, np.zeros((chunk - len(part),) + a.shape[1:], a.dtype)])
+        parts.append(jax.device_put(part, self._batch))
+      result = fn(self.params, *parts)  # dispatched; read back after the next one is queued
+      if pending is not None:
+        out.append(np.asarray(pending))
+      pending = result
+    out.append(np.asarray(pending))
+    return np.concatenate(out)[:n].astype(np.float32)
 
   def encode_images(self, pixels_BCHW: np.ndarray) -> np.ndarray:
     """Projected image embeddings (B, E), float32, unnormalised."""
-    x, n = self._pad(np.asarray(pixels_BCHW, np.float32))
-    return np.asarray(self._images(self.params, jax.device_put(x, self._batch)))[:n]
+    return self._chunked(self._images, [np.asarray(pixels_BCHW, np.float32)], self.image_chunk)
+
+  def encode_image_files(self, paths: Sequence[str]) -> np.ndarray:
+    """`encode_images` of image files, decoded one chunk at a time (raises images.BadImage)."""
+    from pdiff_jax.data.images import load_image
+    out = [np.zeros((0, self.embed_dim), np.float32)]
+    for i in range(0, len(paths), self.image_chunk):
+      out.append(self.encode_images(self.preprocess(
+          [load_image(p) for p in paths[i:i + self.image_chunk]])))
+    return np.concatenate(out)
 
   def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
     return np.stack([self.transform(im) for im in images])
@@ -150,11 +199,14 @@ class Clip:
 
   def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
     """Projected text embeddings (B, E), float32, unnormalised."""
-    ids, mask = self.tokenize(texts)
-    ids, n = self._pad(ids)
-    mask, _ = self._pad(mask)
-    out = self._texts(self.params, jax.device_put(ids, self._batch), jax.device_put(mask, self._batch))
-    return np.asarray(out)[:n]
+    texts = list(texts)
+    out = [np.zeros((0, self.embed_dim), np.float32)]
+    # Tokenized a block of chunks at a time: 100,000 captions never sit on the host as ids at once.
+    block = 16 * self.text_chunk
+    for i in range(0, len(texts), block):
+      ids, mask = self.tokenize(texts[i:i + block])
+      out.append(self._chunked(self._texts, [ids, mask], self.text_chunk))
+    return np.concatenate(out)
 
 
 # Architectures of the usual hub CLIPs, so that sizes and encoding speed are known offline
@@ -184,6 +236,14 @@ def random_clip(arch: dict):
   from transformers import FlaxCLIPModel
   model = FlaxCLIPModel(_config_from_arch(arch))
   return model, model.params, arch["vision"]["image_size"]
+
+
+def abstract_clip(arch: dict):
+  """(FlaxCLIPModel, its parameters as ShapeDtypeStructs) of a given architecture: nothing is
+  allocated, for compiling at real size (memory and cost analysis)."""
+  from transformers import FlaxCLIPModel
+  model = FlaxCLIPModel(_config_from_arch(arch), _do_init=False)
+  return model, model.params_shape_tree
 
 
 def load_clip_config(name: str):

@@ -38,8 +38,9 @@ def score_captions(entries: Sequence[dict], vocab_size: int, clip=None,
   metrics["clip_model"] = None
   if clip is not None and image_emb is not None:
     cap = clip.encode_texts([clipscore.PREFIX + c for c in chosen])
-    flat = [r for e in entries for r in e["references"]]
-    ref_emb = clip.encode_texts(flat) if flat else np.zeros((0, clip.embed_dim))
+    # References with the same prompt prefix as the candidates (Hessel et al.'s clipscore.py).
+    flat = [clipscore.PREFIX + r for e in entries for r in e["references"]]
+    ref_emb = clip.encode_texts(flat)
     splits = np.cumsum([len(e["references"]) for e in entries])[:-1]
     metrics.update(clipscore.clip_scores(image_emb, cap, np.split(ref_emb, splits)))
     metrics["clip_model"] = clip.name
@@ -93,7 +94,7 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
   """
   import jax
   from tqdm import tqdm
-  batch = int(captioner.bundle.config.sampler.batch_size)
+  batch = captioner.sample_batch
   start, stop, per = process_share(len(features))
   tokens = [np.zeros((0, n, int(captioner.bundle.config.data.max_len)), np.int32)]
   bar = tqdm(total=stop - start, unit="img", desc=f"sample n={n} steps={steps}",
@@ -145,9 +146,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   def embeddings(clip):
     if clip.name == captioner.clip.name:
       return features  # the store holds exactly this CLIP's image embeddings
-    from pdiff_jax.data.images import load_image
-    return np.concatenate([clip.encode_images(clip.preprocess([load_image(p) for p in paths[i:i + 64]]))
-                           for i in range(0, len(paths), 64)])
+    return clip.encode_image_files(paths)
 
   rerank_emb = embeddings(captioner.rerank_clip)
   n_sample = max(n, max(SWEEP_CANDIDATES)) if sweep else n
@@ -251,11 +250,8 @@ def score_results(results_path: str, references_path: str, split: str, out_dir: 
   clip = image_emb = None
   if images_dir and clip_name:
     from pdiff_jax import clip as clip_lib
-    from pdiff_jax.data.images import load_image
     clip = clip_lib.Clip.load(clip_name)
-    paths = [os.path.join(images_dir, e["image"]) for e in entries]
-    image_emb = np.concatenate([clip.encode_images(clip.preprocess([load_image(p) for p in paths[i:i + 64]]))
-                                for i in range(0, len(paths), 64)])
+    image_emb = clip.encode_image_files([os.path.join(images_dir, e["image"]) for e in entries])
   metrics = score_captions(entries, vocab_size, clip, image_emb)
   metrics.update({"num_candidates": max(len(c) for c in grouped.values()), "sample_steps": None,
                   "trainable_params": None})

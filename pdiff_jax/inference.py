@@ -118,6 +118,9 @@ class Captioner:
     self.mesh = clip.mesh
     self.params = jax.device_put(bundle.params, NamedSharding(self.mesh, P()))
     self._samplers: dict[tuple, Any] = {}
+    # Images per sampler call: sampler.batch_size, rounded up to fill the local devices.
+    devices = self.mesh.devices.size
+    self.sample_batch = -(-int(bundle.config.sampler.batch_size) // devices) * devices
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, clip: str | None = None,
@@ -196,15 +199,21 @@ class Captioner:
 
   def sample_tokens(self, features_BF: np.ndarray, num_candidates: int, steps: int, seed: int,
                     eta: float, offsets: np.ndarray | None = None) -> np.ndarray:
-    """Token ids (B, N, L) for B feature vectors; the batch is padded to fill the devices."""
+    """Token ids (B, N, L) for B feature vectors, in calls of exactly `sample_batch` images (the
+    last padded), so the sampler compiles once per (n, steps) whatever B is."""
     B = features_BF.shape[0]
     offsets = np.arange(B) if offsets is None else np.asarray(offsets)
     if self.bundle.feature_stats is not None:  # the model saw standardised features
       mean, std = self.bundle.feature_stats
       features_BF = (np.asarray(features_BF, np.float32) - mean) / std
-    pad = -B % self.mesh.devices.size
-    feats = np.concatenate([features_BF, np.zeros((pad,) + features_BF.shape[1:], features_BF.dtype)])
-    offsets = np.concatenate([offsets, np.full(pad, -1)])
-    keys = sampler_lib.candidate_keys(seed, jnp.asarray(offsets, jnp.uint32), num_candidates)
-    out = self.sample_fn(steps, eta)(self.params, jnp.asarray(feats, jnp.float32), keys)
-    return np.asarray(out)[:B]
+    fn, chunk = self.sample_fn(steps, eta), self.sample_batch
+    out = [np.zeros((0, num_candidates, int(self.bundle.config.data.max_len)), np.int32)]
+    for start in range(0, B, chunk):
+      feats = np.asarray(features_BF[start:start + chunk], np.float32)
+      offs = offsets[start:start + chunk]
+      pad = chunk - len(feats)
+      feats = np.concatenate([feats, np.zeros((pad,) + feats.shape[1:], np.float32)])
+      offs = np.concatenate([offs, np.full(pad, -1)])
+      keys = sampler_lib.candidate_keys(seed, jnp.asarray(offs, jnp.uint32), num_candidates)
+      out.append(np.asarray(fn(self.params, jnp.asarray(feats), keys))[:chunk - pad])
+    return np.concatenate(out)

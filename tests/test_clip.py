@@ -55,6 +55,51 @@ def test_sharded_encoding_equals_one_device(clip_dir, clip):
                              rtol=1e-5, atol=1e-6)
 
 
+def test_any_count_is_encoded_in_fixed_chunks_with_one_compile_per_tower(clip_dir):
+  """10,000 texts and three odd image counts: one executable per tower, and the same embeddings
+  as transformers' own calls on other batchings (blocks of 1,000 texts; all the images at once)."""
+  clip = clip_lib.Clip.load(clip_dir, image_chunk=16, text_chunk=256)
+  words = ["a", "red", "blue", "circle", "square", "zebra"]
+  rng = np.random.default_rng(0)
+  texts = [" ".join(rng.choice(words, int(rng.integers(1, 12)))) for _ in range(10_000)]
+  emb = clip.encode_texts(texts)
+  ids, mask = clip.tokenize(texts)
+  text_fn = jax.jit(lambda p, i, m: clip.model.get_text_features(input_ids=i, attention_mask=m, params=p))
+  ref = np.concatenate([text_fn(clip.params, ids[i:i + 1000], mask[i:i + 1000]) for i in range(0, 10_000, 1000)])
+  np.testing.assert_allclose(emb, ref, rtol=1e-4, atol=1e-5)
+  assert emb.shape == (10_000, 32)
+  pixels = rng.standard_normal((37, 3, 32, 32)).astype(np.float32)
+  ref = np.asarray(clip.model.get_image_features(pixel_values=pixels, params=clip.params))
+  for n in (1, 17, 37):
+    np.testing.assert_allclose(clip.encode_images(pixels[:n]), ref[:n], rtol=1e-4, atol=1e-5)
+  assert clip._texts._cache_size() == 1 and clip._images._cache_size() == 1
+  assert clip.encode_texts([]).shape == (0, 32)
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_vit_l14_chunk_fits_in_4_gib(tower):
+  """The real ViT-L/14 towers (random weights of the hub architecture, never allocated),
+  compiled at the default chunk size: XLA's memory analysis of one call (its parameters,
+  inputs, outputs and temporaries) stays under 4 GiB, whatever the number of inputs."""
+  import jax.numpy as jnp
+  from jax.sharding import Mesh
+  model, params = clip_lib.abstract_clip(clip_lib.KNOWN_CLIPS["openai/clip-vit-large-patch14"])
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  if tower == "image":
+    x = (jax.ShapeDtypeStruct((clip_lib.IMAGE_CHUNK, 3, 224, 224), jnp.float32),)
+    compiled = clip_lib.image_encoder(model, mesh).lower(params, *x).compile()
+  else:
+    ids = jax.ShapeDtypeStruct((clip_lib.TEXT_CHUNK, model.config.text_config.max_position_embeddings),
+                               jnp.int32)
+    compiled = clip_lib.text_encoder(model, mesh).lower(params, ids, ids).compile()
+  m = compiled.memory_analysis()
+  peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  print(f"ViT-L/14 {tower} tower, chunk {clip_lib.IMAGE_CHUNK if tower == 'image' else clip_lib.TEXT_CHUNK}: "
+        f"arguments {m.argument_size_in_bytes / 2**30:.2f} GiB, temporaries {m.temp_size_in_bytes / 2**30:.2f} GiB")
+  assert m.argument_size_in_bytes > (1.0 if tower == "image" else 0.4) * 2**30  # the real tower's weights
+  assert peak < 4 * 2**30, peak / 2**30
+
+
 def test_pytorch_weights_load_with_from_pt(tmp_path):
   torch = pytest.importorskip("torch")
   from transformers import CLIPModel

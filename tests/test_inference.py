@@ -28,6 +28,17 @@ def image_paths(trained_workdir):
   return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)[:3]
 
 
+def test_any_number_of_images_compiles_the_sampler_once(trained_workdir, image_paths):
+  """1, 3 and 5 images go through one compiled sampler (every call is padded to exactly
+  sampler.batch_size images), one compiled image tower and one text tower."""
+  captioner = Captioner.from_workdir(trained_workdir[0])
+  images = [Image.open(p) for p in image_paths] * 2
+  for count in (1, 3, 5):
+    assert len(captioner.caption(images[:count], num_candidates=3, steps=4, seed=0)) == count
+  assert captioner.sample_fn(4, captioner.bundle.config.sampler.eta)._cache_size() == 1
+  assert captioner.clip._images._cache_size() == 1 and captioner.rerank_clip._texts._cache_size() == 1
+
+
 def test_bundle_has_ema_params_vocab_and_no_optimizer(trained_workdir):
   bundle = load_bundle(trained_workdir[0])
   assert bundle.step == 100 and set(bundle.params) == {"params"}

@@ -38,17 +38,47 @@ def test_mbleu4():
   assert diversity.mbleu4([["only one"]]) is None
 
 
+def _hessel_refclipscore(images, candidates, references, w=2.5):
+  """The published formula as Hessel et al.'s clipscore.py computes it, in numpy: rows
+  normalised, CLIP-S = w * clip(cos, 0), text-text = the raw max cosine over the references,
+  RefCLIP-S = 2 * a * b / (a + b) per image."""
+  norm = lambda x: x / np.sqrt(np.sum(x ** 2, axis=1, keepdims=True))
+  images, candidates = norm(images), norm(candidates)
+  per_image_text = w * np.clip(np.sum(images * candidates, axis=1), 0, None)
+  per_text_text = np.array([np.max(c.dot(norm(r).T)) for c, r in zip(candidates, references)])
+  ref = 2 * per_image_text * per_text_text / (per_image_text + per_text_text)
+  return np.mean(per_image_text), np.mean(ref)
+
+
 def test_clip_scores_by_hand():
   img = np.array([[1.0, 0.0], [0.0, 2.0]])
   cap = np.array([[1.0, 1.0], [1.0, -1.0]])
-  refs = [np.array([[0.0, 1.0], [1.0, 1.0]]), np.array([[-1.0, 0.0]])]
+  refs = [np.array([[0.0, 1.0], [1.0, 1.0]]), np.array([[-1.0, -1.0]])]
   out = clipscore.clip_scores(img, cap, refs)
   c1 = 2.5 * np.cos(np.pi / 4)  # image 1: 45 degrees
   c2 = 0.0  # image 2: cos < 0 -> clipped
   assert out["CLIP-S"] == pytest.approx((c1 + c2) / 2)
-  r1 = 2.5 * 1.0  # image 2: its caption points away from its only reference
+  r1 = 1.0  # image 1: its caption is its second reference: raw cosine 1, no 2.5 weight
+  # image 2: orthogonal to its only reference, and CLIP-S 0: both terms 0, scored 0 (not NaN)
   h1 = 2 * c1 * r1 / (c1 + r1)
   assert out["RefCLIP-S"] == pytest.approx((h1 + 0.0) / 2)
+  # A negative text-text cosine is not clipped: it lowers the harmonic mean below 0.
+  img3, cap3, refs3 = np.array([[1.0, 0.2]]), np.array([[1.0, 0.0]]), [np.array([[-1.0, 0.5]])]
+  raw = -1 / np.sqrt(1.25)
+  a = 2.5 * (1 / np.sqrt(1.04))
+  assert clipscore.clip_scores(img3, cap3, refs3)["RefCLIP-S"] == pytest.approx(2 * a * raw / (a + raw))
+
+
+def test_clip_scores_equal_the_published_formula():
+  rng = np.random.default_rng(0)
+  img, cap = rng.standard_normal((40, 16)), rng.standard_normal((40, 16))
+  cap[:20] += 2 * img[:20]  # half the captions near their image, so both terms vary in sign
+  refs = [rng.standard_normal((int(rng.integers(1, 6)), 16)) + (c if i % 2 else 0)
+          for i, c in enumerate(cap)]
+  clip_s, ref_s = _hessel_refclipscore(img, cap, refs)
+  out = clipscore.clip_scores(img, cap, refs)
+  assert out["CLIP-S"] == pytest.approx(clip_s, rel=1e-12)
+  assert out["RefCLIP-S"] == pytest.approx(ref_s, rel=1e-12)
   assert clipscore.clip_scores(img, cap)["RefCLIP-S"] is None
 
 
