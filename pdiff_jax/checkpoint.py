@@ -9,16 +9,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
   pass
+
+
+def _all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective in multi-process runs)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def abstract_with_shardings(abstract_tree, shardings):
@@ -88,8 +99,10 @@ class Checkpoints:
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
     """Restores `step` (default: the newest readable one) into the shardings of `abstract_state`.
 
-    A newest checkpoint that fails to read (half-written, corrupt) is reported and skipped in
-    favour of the one before it; an explicitly requested step is not.
+    A newest checkpoint that fails to read (half-written, corrupt) is skipped in favour of the
+    one before it, and moved aside to `<step>.corrupt-<time>` (by process 0, with a warning
+    naming it) so that training can save that step again; an explicitly requested step is not.
+    With several processes a step counts as readable only if every process read it.
     """
     candidates = [step] if step is not None else list(reversed(self.steps()))
     if not candidates:
@@ -98,15 +111,30 @@ class Checkpoints:
     for s in candidates:
       try:
         restored = self.manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return s, restored["state"]
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+        error = None
       except Exception as e:  # orbax raises many types for unreadable data
-        errors.append(f"step {s}: {type(e).__name__}: {e}")
-        if step is None:
-          log.warning("checkpoint at step %d in %s is unreadable (%s); trying an older one",
-                      s, self.directory, str(e).splitlines()[0] if str(e) else type(e).__name__)
-    raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(
-        e.splitlines()[0] for e in errors))
+        restored, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      if _all_processes(error is None):
+        return s, restored
+      errors.append(f"step {s}: {error or 'unreadable on another process'}")
+      if step is None:
+        log.warning("checkpoint at step %d in %s is unreadable (%s); trying an older one", s,
+                    self.directory, error or "on another process")
+        self._move_aside(s)
+    raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
+
+  def _move_aside(self, step: int) -> None:
+    """Renames an unreadable step out of orbax's sight (its name is no longer a step number)."""
+    if jax.process_index() == 0:
+      source = epath.Path(self.directory) / str(step)
+      target = source.parent / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+      source.rename(target)
+      log.warning("moved the unreadable checkpoint of step %d aside to %s", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"pdiff_checkpoint_moved_aside_{step}")
+    self.manager.reload()
 
   def wait(self) -> None:
     with self._failures(f"saving step {self._unfinished}"):

@@ -54,6 +54,31 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(lines) == len(open(f"{tmp_path}/one/metrics.jsonl").read().splitlines())
 
 
+@pytest.mark.slow
+def test_two_processes_train_past_a_corrupt_checkpoint(tmp_path):
+  """2 processes, checkpoints at 2 and 4, step 4 corrupted: both resume from 2, process 0 moves
+  4 aside, and the run trains through 4 to 6."""
+  from test_train import corrupt_checkpoint
+  w = tmp_path / "w"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  run = lambda steps: subprocess.run(
+      ["bash", LAUNCH, "2", "train", "--config=configs/tiny.py", f"--workdir={w}",
+       f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=2",
+       "--config.train.eval_every=1000"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  first = run(4)
+  assert first.returncode == 0, first.stdout[-3000:]
+  corrupt_checkpoint(w / "checkpoints" / "4")
+  second = run(6)
+  assert second.returncode == 0, second.stdout[-3000:]
+  assert "[process 0]" in second.stdout and "moved the unreadable checkpoint of step 4 aside" in second.stdout
+  assert "resumed from step 2" in second.stdout
+  names = sorted(os.listdir(w / "checkpoints"))
+  assert [n for n in names if n.isdigit()] == ["2", "4", "6"]
+  assert any(n.startswith("4.corrupt-") for n in names)
+  assert int(_restore(str(w), 6).step) == 6
+
+
 def test_failing_process_fails_the_launch(tmp_path):
   r = subprocess.run(["bash", LAUNCH, "2", "train", "--config=configs/missing.py", f"--workdir={tmp_path}"],
                      cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -151,6 +151,15 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state8), jax.device_get(restored))
 
 
+def corrupt_checkpoint(step_dir) -> None:
+  """Overwrites a checkpoint's manifests, OCDBT files and data files with garbage."""
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      if "manifest" in f or f.endswith(".ocdbt") or "d" == os.path.basename(root):
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+
+
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   config = load_config("tiny")
   state, _, _ = _run_steps(config, jax.devices()[:1], 1)
@@ -158,14 +167,37 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   ckpts.save(1, state)
   ckpts.save(2, state.replace(step=state.step + 1))
   ckpts.close()
-  for root, _, files in os.walk(tmp_path / "ck" / "2"):
-    for f in files:
-      if "manifest" in f or f.endswith(".ocdbt") or "d" == os.path.basename(root):
-        with open(os.path.join(root, f), "wb") as fh:
-          fh.write(b"garbage")
+  corrupt_checkpoint(tmp_path / "ck" / "2")
   step, restored = train.restore_state(config, str(tmp_path / "ck"), jax.devices()[:1])
   assert step == 1 and int(restored.step) == 1
   assert "unreadable" in caplog.text
+
+
+def test_training_past_a_corrupt_checkpoint_moves_it_aside(tmp_path, monkeypatch, caplog):
+  """Checkpoints at 2 and 4, step 4 corrupted: the restart resumes from 2, moves 4 aside (a
+  warning names it), saves 4 and 6 again, and ends bit-identical to an uninterrupted run."""
+  config = load_config("tiny", **{"train.checkpoint_every": 2, "train.num_steps": 6,
+                                  "train.eval_every": 1000})
+  devices = jax.devices()[:1]
+  full = train.train_and_evaluate(config, str(tmp_path / "full"), devices=devices)
+  real = pipeline.local_batch
+
+  def crash_at_5(split, step, *args, **kwargs):
+    if step == 5:
+      raise RuntimeError("simulated crash")
+    return real(split, step, *args, **kwargs)
+
+  work = tmp_path / "work"
+  monkeypatch.setattr(pipeline, "local_batch", crash_at_5)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.train_and_evaluate(config, str(work), devices=devices)
+  monkeypatch.setattr(pipeline, "local_batch", real)
+  corrupt_checkpoint(work / "checkpoints" / "4")
+  resumed = train.train_and_evaluate(config, str(work), devices=devices)
+  aside = [n for n in os.listdir(work / "checkpoints") if n.startswith("4.corrupt-")]
+  assert len(aside) == 1 and f"moved the unreadable checkpoint of step 4 aside to {work / 'checkpoints' / aside[0]}" in caplog.text
+  assert ckpt_lib.Checkpoints(work / "checkpoints", read_only=True).steps() == [2, 4, 6]
+  jax.tree.map(np.testing.assert_array_equal, _params(full), _params(resumed))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
