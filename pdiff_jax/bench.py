@@ -27,6 +27,7 @@ from pdiff_jax import profiling
 from pdiff_jax import sampler as sampler_lib
 from pdiff_jax import sharding as sharding_lib
 from pdiff_jax import train
+from pdiff_jax.data import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,13 @@ def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dic
   step = train.jit_train_step(model, tx, config, mesh, shardings)
   B, L, m = config.train.batch_size, config.data.max_len, config.model
   rng = np.random.default_rng(0)
-  batch = sharding_lib.global_batch({
-      "ids": rng.integers(0, m.vocab_size, (B, L)).astype(np.int32),
-      "features": rng.standard_normal((B, m.feature_dim)).astype(np.float32)}, mesh)
+  # Each process builds only its rows, so the global batch is the configured one on any number
+  # of processes (as in training).
+  rows = pipeline.process_rows(B, jax.process_index(), jax.process_count())
+  ids = rng.integers(0, m.vocab_size, (B, L)).astype(np.int32)
+  feats = rng.standard_normal((B, m.feature_dim)).astype(np.float32)
+  batch = sharding_lib.global_batch({"ids": ids[rows], "features": feats[rows]}, mesh)
+  B = int(batch["ids"].shape[0])  # what the step really runs on
   key = jax.random.key(0)
   with jax.set_mesh(mesh):
     # Compiled once, explicitly: the compile time is XLA's alone (not a first step's too), and
@@ -104,7 +109,7 @@ def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dic
     flops = model_lib.train_flops_per_example(config_lib.model_config(config)) * B
     out = {"examples_per_sec": B / seconds, "tokens_per_sec": B * L / seconds,
            "flops_per_sec": flops / seconds, "step_seconds": seconds, "compile_seconds": compile_s,
-           "batch_size": B}
+           "batch_size": B, "global_batch_size": B, "processes": jax.process_count()}
     if profile_dir:
       out["profile"] = _profile(compiled, run, _profile_subdir(profile_dir, "train"), flops)
   return out
@@ -205,7 +210,8 @@ def table(r: dict) -> str:
            f"matmul: {r['matmul_flops_per_sec'] / 1e12:.2f} TFLOP/s"]
   if "train" in r:
     t = r["train"]
-    lines.append(f"train:  {t['examples_per_sec']:.1f} captions/s, {t['tokens_per_sec']:.0f} tokens/s, "
+    lines.append(f"train:  {t['examples_per_sec']:.1f} captions/s (global batch {t['batch_size']} over "
+                 f"{r.get('num_processes', 1)} process(es)), {t['tokens_per_sec']:.0f} tokens/s, "
                  f"{t['flops_per_sec'] / 1e12:.2f} TFLOP/s, MFU {100 * t['mfu']:.0f}%, "
                  f"compile {t['compile_seconds']:.1f} s")
     if "profile" in t:

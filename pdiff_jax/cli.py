@@ -64,11 +64,41 @@ def _flags_train(fv: flags.FlagValues) -> None:
   _config_flag(fv)
   flags.DEFINE_string("workdir", None, "Where checkpoints, config.json and metrics.jsonl go.",
                       flag_values=fv, required=True)
+  _compilation_cache_flag(fv)
+
+
+def _overrides(fv: flags.FlagValues) -> tuple[str, ...]:
+  """The dotted config keys set by --config.KEY=VALUE flags."""
+  return tuple(config_flags.get_override_values(fv["config"]))
+
+
+def _compilation_cache_flag(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("compilation_cache", None, "Persistent XLA compilation cache (a local path "
+                      "or gs://...; 'none' turns it off). Default: WORKDIR/compilation_cache, "
+                      "unless JAX_COMPILATION_CACHE_DIR is set. A restarted or preempted job "
+                      "then loads its executables instead of compiling them again.", flag_values=fv)
+
+
+def _use_compilation_cache(fv: flags.FlagValues) -> None:
+  import jax
+  choice = fv.compilation_cache
+  if choice is None:
+    if jax.config.jax_compilation_cache_dir:  # the environment chose one
+      return
+    choice = _join(fv.workdir, "compilation_cache")
+  if choice.lower() != "none":
+    jax.config.update("jax_compilation_cache_dir", choice)
+
+
+def _join(base: str, *parts: str) -> str:
+  from etils import epath
+  return os.fspath(epath.Path(base).joinpath(*parts))
 
 
 def _cmd_train(fv: flags.FlagValues) -> int:
   from pdiff_jax import train
-  train.train_and_evaluate(fv.config, fv.workdir)
+  _use_compilation_cache(fv)
+  train.train_and_evaluate(fv.config, fv.workdir, overrides=_overrides(fv))
   return 0
 
 
@@ -145,12 +175,17 @@ def _flags_eval(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_boolean("sweep", False, "Also sweep n (1, 2, 5, 10, 20) and sampling steps, and "
                        "plot CIDEr and Div-2 against them in the report.", flag_values=fv)
+  flags.DEFINE_integer("report_thumbnails", 300, "Embed thumbnails of at most this many images in "
+                       "report.html (the rest are listed as text), so a 5,000-image report stays "
+                       "a few MB.", lower_bound=0, flag_values=fv)
+  _compilation_cache_flag(fv)
 
 
 def _cmd_eval(fv: flags.FlagValues) -> int:
   from pdiff_jax import evaluate
+  _use_compilation_cache(fv)
   evaluate.evaluate(fv.workdir, fv.split, fv.num_candidates, fv.steps, fv.seed, fv.eta,
-                    sweep=fv.sweep, max_images=fv.max_images)
+                    sweep=fv.sweep, max_images=fv.max_images, report_thumbnails=fv.report_thumbnails)
   return 0
 
 
@@ -235,6 +270,17 @@ def _cmd_info(fv: flags.FlagValues) -> int:
   from pdiff_jax import clip, config as config_lib, model as model_lib, sharding, train
   config = fv.config
   config_lib.validate(config)
+  store = None
+  if config.data.source != "synthetic":  # sizes as training will see them, when a store exists
+    from pdiff_jax.data import features
+    try:
+      store = features.load_manifest(config.data.feature_dir)
+    except features.FeatureStoreError:
+      pass
+  if store is not None:
+    config.model.vocab_size = int(store["vocab_size"])
+    if not config_lib.explicit(config, "model.feature_dim", _overrides(fv)):
+      config.model.feature_dim = int(store["feature_dim"])
   mesh = sharding.make_mesh(config)
   model, tx = train.make_model(config), train.make_optimizer(config)
   abstract, _ = train.state_shardings(model, tx, config, mesh)
@@ -246,6 +292,9 @@ def _cmd_info(fv: flags.FlagValues) -> int:
       "flops_per_denoise_step": model_lib.denoise_step_flops(cfg),
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "devices": jax.device_count(),
+      "vocab_size": int(config.model.vocab_size),
+      "feature_dim": int(config.model.feature_dim),
+      "feature_store": config.data.feature_dir if store is not None else None,
   }))
   return 0
 

@@ -50,7 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.feature_dir = "data/coco/features_vitl14"
   c.data.max_len = 24
   c.data.min_count = 2
-  c.data.restval_in_train = True
+  # The original trains on Karpathy train only; configs/paper_coco_restval.py folds restval in.
+  c.data.restval_in_train = False
   c.data.tfds_data_dir = ""  # for tfds:NAME; empty = TFDS's default
   c.data.feature_dtype = "float32"  # or float16, halves the store
   # Per-dimension standardisation of the CLIP features with train-split statistics (saved in
@@ -63,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 14145  # the original's COCO vocabulary; replaced by len(vocab.json) when training on features
-  c.model.feature_dim = 768
+  c.model.feature_dim = 768  # follows the feature store unless a config or flag names another
   c.model.prefix_len = 5
   c.model.mapper_hidden = 1536
   c.model.hidden_size = 768
@@ -148,6 +149,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("dtype", "param_dtype"):
     _check(m[key] in DTYPES, f"model.{key}",
            f"unknown dtype {m[key]!r}; expected one of {', '.join(DTYPES)}")
+  # No fp32 master copy is kept, so parameters must be fp32: in bf16 the EMA with decay 0.9999
+  # never moves (1e-4 of a weight is below bf16's resolution) and late AdamW steps vanish.
+  _check(m.param_dtype == "float32", "model.param_dtype",
+         f"must be float32 (got {m.param_dtype!r}): without fp32 master weights, bf16 parameters "
+         "lose the EMA and small AdamW updates; use model.dtype=bfloat16 for bf16 compute")
   _check(t.num_steps >= 0, "train.num_steps", f"must be >= 0, got {t.num_steps}")
   _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every"):
@@ -187,6 +193,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(source == "synthetic" or (kind in ("karpathy", "tfds", "folder") and arg),
          "data.source", f"unknown source {source!r}; expected karpathy:PATH, tfds:NAME, folder:PATH "
          "or synthetic")
+
+
+def explicit(config: ml_collections.ConfigDict, key: str, overrides=()) -> bool:
+  """Whether the dotted `key` was named by the config file (its value differs from
+  `base_config()`) or by a `--config.KEY=` flag (`overrides`)."""
+  def get(c):
+    for part in key.split("."):
+      c = c[part]
+    return c
+  return key in overrides or get(config) != get(base_config())
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -120,7 +120,7 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
 def evaluate(workdir: str, split: str = "test", num_candidates: int | None = None,
              steps: int | None = None, seed: int = 0, eta: float | None = None,
              sweep: bool = False, max_images: int | None = None, progress: bool = True,
-             captioner=None, out_dir: str | None = None) -> dict:
+             captioner=None, out_dir: str | None = None, report_thumbnails: int = 300) -> dict:
   """Samples every image of `split` from the feature store, reranks, scores; writes
   `workdir/eval/<split>/{metrics.json, captions.json, report.html}`."""
   from pdiff_jax import clip as clip_lib, model as model_lib
@@ -184,17 +184,20 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
 
   if lead:
     out_dir = out_dir or os.path.join(workdir, "eval", split)
-    write_outputs(out_dir, metrics, entries, title=f"pdiff eval: {workdir} ({split})")
+    write_outputs(out_dir, metrics, entries, title=f"pdiff eval: {workdir} ({split})",
+                  thumbnails=report_thumbnails)
   return metrics
 
 
-def write_outputs(out_dir: str, metrics: dict, entries: list[dict] | None, title: str) -> None:
+def write_outputs(out_dir: str, metrics: dict, entries: list[dict] | None, title: str,
+                  thumbnails: int = 300) -> None:
   from pdiff_jax import report
   os.makedirs(out_dir, exist_ok=True)
   _write_json(os.path.join(out_dir, "metrics.json"), metrics)
   if entries is not None:
     _write_json(os.path.join(out_dir, "captions.json"), entries)
-    report.write_report(os.path.join(out_dir, "report.html"), title, metrics, entries)
+    report.write_report(os.path.join(out_dir, "report.html"), title, metrics, entries,
+                        max_thumbnails=thumbnails)
   print(markdown_table(metrics))
 
 

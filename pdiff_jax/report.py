@@ -78,7 +78,8 @@ def _candidate(rank: int, c: dict) -> str:
   return f"<li>{html.escape(c['caption'])}{score}</li>"
 
 
-def render(title: str, metrics: dict, entries: Sequence[dict]) -> str:
+def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: int | None = None) -> str:
+  """The page; thumbnails for the first `max_thumbnails` images only (None: all), the rest as text."""
   e = html.escape
   parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
@@ -94,11 +95,15 @@ def render(title: str, metrics: dict, entries: Sequence[dict]) -> str:
       parts.append(f"<img alt='CIDEr and Div-2 against n' src='{_plot(sweep['candidates'], 'n', 'against candidates n')}'>")
     if sweep.get("steps"):
       parts.append(f"<img alt='CIDEr and Div-2 against steps' src='{_plot(sweep['steps'], 'steps', 'against sampling steps')}'>")
+  limit = len(entries) if max_thumbnails is None else max_thumbnails
   parts.append(f"<h2>Captions ({len(entries)} images)</h2>")
-  for item in entries:
-    thumb = _thumbnail(str(item.get("image", "")))
+  if limit < len(entries):
+    parts.append(f"<p>Thumbnails of the first {limit} images; the other {len(entries) - limit} "
+                 "are listed without them (pdiff eval --report_thumbnails=N).</p>")
+  for i, item in enumerate(entries):
+    thumb = _thumbnail(str(item.get("image", ""))) if i < limit else None
     img = (f"<img src='{thumb}' alt='{e(str(item.get('image', '')))}'>" if thumb
-           else "<div class='noimg'>no image</div>")
+           else f"<div class='noimg'>{'no image' if i < limit else e(os.path.basename(str(item.get('image', ''))))}</div>")
     cands = "".join(_candidate(i, c) for i, c in enumerate(item["candidates"]))
     refs = "".join(f"<li>{e(r)}</li>" for r in item.get("references", []))
     parts.append(f"<div class='item'>{img}<div><h3>{e(str(item.get('image_id', '')))}</h3>"
@@ -108,8 +113,9 @@ def render(title: str, metrics: dict, entries: Sequence[dict]) -> str:
   return "\n".join(parts)
 
 
-def write_report(path: str, title: str, metrics: dict, entries: Sequence[dict]) -> None:
+def write_report(path: str, title: str, metrics: dict, entries: Sequence[dict],
+                 max_thumbnails: int | None = None) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
-    f.write(render(title, metrics, entries))
+    f.write(render(title, metrics, entries, max_thumbnails))
   os.replace(tmp, path)

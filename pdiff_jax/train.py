@@ -192,12 +192,14 @@ def jit_train_step(model, tx, config, mesh, shardings) -> Callable:
                  out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
 
 
-def load_splits(config):
+def load_splits(config, overrides=()):
   """(train split, validation split or None, vocabulary or None) for the configured data.
 
   Features come from the store `pdiff extract` wrote to `data.feature_dir`; the vocabulary
-  size is taken from it. `data.source=synthetic` gives in-memory random features instead
-  (smoke runs and benchmarks that need no data set).
+  size and the feature size are taken from it (`config` is updated), unless the config file or
+  a flag (`overrides`: the dotted keys set by --config.KEY=) named another feature size, which
+  is then an error. `data.source=synthetic` gives in-memory random features instead (smoke
+  runs and benchmarks that need no data set).
   """
   d, m = config.data, config.model
   if d.source == "synthetic":
@@ -211,9 +213,13 @@ def load_splits(config):
     raise config_lib.ConfigError("data.feature_dir", str(e)) from None
   manifest = store.manifest
   if manifest["feature_dim"] != m.feature_dim:
-    raise config_lib.ConfigError(
-        "model.feature_dim", f"is {m.feature_dim}, but the features in {d.feature_dir} are "
-        f"{manifest['feature_dim']}-d ({manifest['clip_model']})")
+    if config_lib.explicit(config, "model.feature_dim", overrides):
+      raise config_lib.ConfigError(
+          "model.feature_dim", f"is {m.feature_dim}, but the features in {d.feature_dir} are "
+          f"{manifest['feature_dim']}-d ({manifest['clip_model']})")
+    log.info("model.feature_dim: %d from the feature store %s (%s)", manifest["feature_dim"],
+             d.feature_dir, manifest["clip_model"])
+    m.feature_dim = int(manifest["feature_dim"])
   if manifest["max_len"] != d.max_len:
     raise config_lib.ConfigError(
         "data.max_len", f"is {d.max_len}, but {d.feature_dir} holds captions of length "
@@ -298,8 +304,10 @@ def _duration(seconds: float) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None) -> TrainState:
+                       devices=None, overrides=()) -> TrainState:
   """Trains to `config.train.num_steps`, resuming from the newest checkpoint in `workdir`.
+  `overrides`: the config keys a user set by flag (they are never replaced by the feature
+  store's sizes).
 
   Process 0 holds a lock on the workdir for the whole run, so a second trainer started on the
   same workdir refuses instead of interleaving checkpoints; a dead process holds no lock.
@@ -308,14 +316,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
   try:
-    return _train_and_evaluate(config, workdir, devices)
+    return _train_and_evaluate(config, workdir, devices, overrides)
   finally:
     if lock is not None:
       lock.close()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices) -> TrainState:
-  train_split, val_split, vocab = load_splits(config)
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices,
+                        overrides) -> TrainState:
+  train_split, val_split, vocab = load_splits(config, overrides=overrides)
   extras = {"vocab": None if vocab is None else {"words": vocab.words, "min_count": vocab.min_count}}
   if config.data.source != "synthetic" and config.data.standardize_features:
     mean, std = features_lib.FeatureStore(config.data.feature_dir).feature_stats()

@@ -16,10 +16,12 @@ ONE_DEVICE = {"XLA_FLAGS": ""}
 
 def test_train_then_resume(tmp_path):
   w = str(tmp_path / "w")
+  # Without JAX_COMPILATION_CACHE_DIR (the suite sets one), the cache lives in the workdir.
   r = run_pdiff("train", "--config=configs/tiny.py", f"--workdir={w}",
-                "--config.train.num_steps=50", env=ONE_DEVICE)
+                "--config.train.num_steps=50", env={**ONE_DEVICE, "JAX_COMPILATION_CACHE_DIR": ""})
   assert r.returncode == 0, r.stderr
   assert "trainable parameters: 25,352" in r.stderr
+  assert len(os.listdir(os.path.join(w, "compilation_cache"))) > 0
   records = [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
   train_records = [r for r in records if "loss" in r]
   assert [r["step"] for r in train_records] == [10, 20, 30, 40, 50]
@@ -62,7 +64,9 @@ def test_info_paper_config():
   assert info["mesh"] == {"data": 1, "model": 1} and info["devices"] == 1
   assert info["frozen_params"] == 427_616_513  # CLIP ViT-L/14, counted from its architecture
   assert set(info) == {"trainable_params", "frozen_params", "flops_per_train_example",
-                       "flops_per_denoise_step", "mesh", "devices"}
+                       "flops_per_denoise_step", "mesh", "devices", "vocab_size", "feature_dim",
+                       "feature_store"}
+  assert info["vocab_size"] == 14145 and info["feature_dim"] == 768 and info["feature_store"] is None
 
 
 def test_info_vitb32_config():

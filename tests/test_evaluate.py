@@ -1,5 +1,6 @@
 """`pdiff eval` and `pdiff score` on a model trained by configs/tiny.py."""
 
+import html as html_lib
 import json
 import os
 
@@ -96,6 +97,11 @@ def test_report_has_every_image_and_escapes_text(evaluated):
   html = report.render("t", metrics, evil)
   assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
   assert "&lt;b&gt;bold&lt;/b&gt; &amp; co" in html
+  # At most N thumbnails: the rest are listed as text, every caption still there.
+  capped = report.render("t", metrics, captions, max_thumbnails=1)
+  assert capped.count("data:image/jpeg;base64,") == 1 and "the other 2 are listed" in capped
+  for c in captions:
+    assert str(c["image_id"]) in capped and html_lib.escape(c["caption"]) in capped
 
 
 def test_score_on_a_results_file_equals_eval(evaluated, trained_workdir, clip_dir, tmp_path):

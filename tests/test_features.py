@@ -31,7 +31,8 @@ def _config(dataset, clip_dir, feature_dir, **overrides):
   return load_config("tiny", **{
       "data.source": f"karpathy:{path}", "data.image_root": os.path.join(root, "images"),
       "data.feature_dir": str(feature_dir), "data.shard_size": 3, "data.min_count": 1,
-      "clip.model": clip_dir, "clip.batch_size": 2, "model.feature_dim": 32, **overrides})
+      "clip.model": clip_dir, "clip.batch_size": 2, "model.feature_dim": 32,
+      "data.restval_in_train": True, **overrides})
 
 
 def _tree_equal(a, b):
@@ -130,6 +131,14 @@ def test_training_reads_the_store(dataset, clip, clip_dir, tmp_path):
     train.load_splits(_config(dataset, clip_dir, tmp_path / "f", **{"model.feature_dim": 16}))
   with pytest.raises(train.config_lib.ConfigError, match="^config.data.feature_dir:.*pdiff extract"):
     train.load_splits(_config(dataset, clip_dir, tmp_path / "missing"))
+  # The default feature size (the base config's 768) follows the store, as the vocabulary does;
+  # named by a flag it must match.
+  default = _config(dataset, clip_dir, tmp_path / "f", **{"model.feature_dim": 768})
+  train.load_splits(default)
+  assert default.model.feature_dim == 32
+  with pytest.raises(train.config_lib.ConfigError, match="^config.model.feature_dim: is 768.*32-d"):
+    train.load_splits(_config(dataset, clip_dir, tmp_path / "f", **{"model.feature_dim": 768}),
+                      overrides=("model.feature_dim",))
 
 
 def test_extract_then_train_from_the_command_line(dataset, clip_dir, tmp_path):
@@ -157,3 +166,9 @@ def test_extract_then_train_from_the_command_line(dataset, clip_dir, tmp_path):
   r = run_pdiff("train", "--config=configs/tiny.py", f"--workdir={tmp_path}/w2", *overrides,
                 "--config.model.feature_dim=16", env=env)
   assert r.returncode == 2 and "config.model.feature_dim" in r.stderr
+  # `pdiff info` on the paper config with this store: its vocabulary and feature sizes.
+  r = run_pdiff("info", "--config=configs/paper_coco.py", f"--config.data.feature_dir={tmp_path}/f", env=env)
+  assert r.returncode == 0, r.stderr
+  info = json.loads(r.stdout)
+  assert (info["vocab_size"], info["feature_dim"], info["feature_store"]) == (len(vocab), 32, f"{tmp_path}/f")
+  assert info["trainable_params"] == 94_948_257 - (768 - 32) * 1536 - (14145 - len(vocab)) * 49

@@ -194,6 +194,10 @@ def test_two_process_bench(tmp_path):
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   b = json.loads(out.read_text())
   assert b["num_devices"] == 4 and b["num_processes"] == 2
+  # The global batch is the configured one (each process built half of it), and the figures
+  # are per global step of that batch.
+  assert b["train"]["batch_size"] == b["train"]["global_batch_size"] == 16
+  assert b["train"]["examples_per_sec"] == pytest.approx(16 / b["train"]["step_seconds"])
   assert b["train"]["examples_per_sec"] > 0 and "sample" not in b
   assert 0 < b["train"]["mfu"] and b["train"]["flops_per_sec"] > 0
   assert r.stdout.count("train:") == 1 and "[process 0] train:" in r.stdout

@@ -204,8 +204,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   config = load_config("tiny", **{"train.checkpoint_every": 3, "train.num_steps": 40})
   real = train.load_splits
 
-  def poisoned(cfg):
-    tr, va, vocab = real(cfg)
+  def poisoned(cfg, **kwargs):
+    tr, va, vocab = real(cfg, **kwargs)
     features = tr.features.copy()
     features[:] = np.nan
     # NaN features from batch 7 on: the 8th update is the first non-finite one.
@@ -248,6 +248,7 @@ def test_validation_names_the_key():
       "optim.lr_schedule": "exp",
       "mesh.shape": (-1, -1),
       "data.source": "s3://bucket",
+      "model.param_dtype": "bfloat16",
   }
   for key, value in cases.items():
     with pytest.raises(config_lib.ConfigError, match=f"^config.{key}:"):
@@ -265,3 +266,10 @@ def test_batch_must_divide_data_axis():
 def test_config_json_round_trip():
   config = load_config("paper_coco")
   assert config_lib.from_json(config_lib.to_json(config)) == config
+
+
+def test_paper_config_trains_on_karpathy_train_only():
+  assert load_config("paper_coco").data.restval_in_train is False  # as the original
+  restval = load_config("paper_coco_restval")
+  assert restval.data.restval_in_train is True
+  assert restval.data.feature_dir != load_config("paper_coco").data.feature_dir

@@ -41,14 +41,19 @@ def global_indices(num_samples: int, step: int, batch_size: int, seed: int) -> n
   return out
 
 
-def local_batch(split: CaptionSplit, step: int, batch_size: int, seed: int,
-                process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
-  """This process's contiguous share of global batch `step` (rows in global-batch order)."""
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """The contiguous rows of a global batch that process `process_index` builds."""
   if batch_size % process_count:
     raise ValueError(f"global batch {batch_size} is not divisible by {process_count} processes")
   per_process = batch_size // process_count
-  idx = global_indices(split.num_samples, step, batch_size, seed)
-  idx = idx[process_index * per_process:(process_index + 1) * per_process]
+  return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
+def local_batch(split: CaptionSplit, step: int, batch_size: int, seed: int,
+                process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+  """This process's contiguous share of global batch `step` (rows in global-batch order)."""
+  rows = process_rows(batch_size, process_index, process_count)
+  idx = global_indices(split.num_samples, step, batch_size, seed)[rows]
   return {
       "ids": np.asarray(split.ids[idx], dtype=np.int32),
       "features": np.asarray(split.features[split.image_index[idx]], dtype=np.float32),
