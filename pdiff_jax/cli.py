@@ -286,7 +286,7 @@ def _cmd_info(fv: flags.FlagValues) -> int:
   abstract, _ = train.state_shardings(model, tx, config, mesh)
   cfg = config_lib.model_config(config)
   print(json.dumps({
-      "trainable_params": model_lib.count_params(abstract.params),
+      "trainable_params": model_lib.count_params(abstract.params, cfg),
       "frozen_params": clip.frozen_param_count(config.clip.model),
       "flops_per_train_example": model_lib.train_flops_per_example(cfg),
       "flops_per_denoise_step": model_lib.denoise_step_flops(cfg),

@@ -170,8 +170,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(len(shape) == 2 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
          and shape.count(-1) <= 1, "mesh.shape",
          f"must be two positive integers (data, model), at most one of them -1; got {shape}")
-  _check(m.num_heads % shape[1] == 0 if shape[1] > 0 else True, "mesh.shape",
-         f"the model axis ({shape[1]}) must divide model.num_heads={m.num_heads}")
   _check(config.sampler.num_candidates >= 1, "sampler.num_candidates",
          f"must be >= 1, got {config.sampler.num_candidates}")
   _check(config.sampler.steps >= 1, "sampler.steps", f"must be >= 1, got {config.sampler.steps}")

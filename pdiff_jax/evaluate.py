@@ -163,7 +163,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   vocab_size = len(captioner.bundle.vocab)
   metrics = score_captions(entries, vocab_size, eval_clip, embeddings(eval_clip)) if lead else {}
   metrics.update({
-      "trainable_params": model_lib.count_params(captioner.bundle.params),
+      "trainable_params": model_lib.count_params(captioner.bundle.params, captioner.bundle.model.cfg),
       "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, "eta": eta, "seed": seed,
       "split": split, "checkpoint_step": captioner.bundle.step, "rerank_clip": captioner.rerank_clip.name,
   })

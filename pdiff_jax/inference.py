@@ -61,10 +61,9 @@ def load_bundle(workdir: str, step: int | None = None,
         f"{workdir}/checkpoints/{step}: no vocabulary saved with the checkpoint (trained on "
         "data.source=synthetic?), so its word ids cannot be decoded")
   vocab = Vocab(vocab_json["words"], vocab_json.get("min_count", 2))
-  rows = state["ema_params"]["word_embedding"].shape[0]
-  if rows != len(vocab):
+  if int(config.model.vocab_size) != len(vocab):
     raise ckpt_lib.CheckpointError(f"{workdir}/checkpoints/{step}: the vocabulary has {len(vocab)} "
-                                   f"words but the model's embedding table {rows} rows")
+                                   f"words but the model was trained on {config.model.vocab_size}")
   stats = extras.get("feature_stats")
   if stats is not None:
     stats = (np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32))

@@ -39,6 +39,28 @@ def normal_init(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, shape, dtype)
 
 
+# The vocabulary axis of the word table and the head bias is padded to a multiple of this, so
+# that it splits evenly on a model axis (any power of two up to 128). The padding rows start at
+# zero, are masked out of every use (logits -inf, never the nearest embedding), so they get no
+# gradient and stay zero; they are not counted as parameters.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(vocab_size: int) -> int:
+  return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def zero_padded(init, rows: int):
+  """`init` for the first `rows` entries of the leading axis (the same numbers as an unpadded
+  table of `rows` rows), zeros after them."""
+
+  def padded(key, shape, dtype=jnp.float32):
+    real = init(key, (rows,) + tuple(shape[1:]), dtype)
+    return jnp.concatenate([real, jnp.zeros((shape[0] - rows,) + tuple(shape[1:]), dtype)])
+
+  return padded
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Sizes of the network; `configs/paper_coco.py` holds the original's values."""
@@ -95,8 +117,10 @@ def layer_norm(name: str, cfg: ModelConfig) -> nn.LayerNorm:
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
-def embed_table(module: nn.Module, name: str, rows: int, cols: int, axes, cfg: ModelConfig):
-  return module.param(name, nn.with_logical_partitioning(normal_init, axes), (rows, cols),
+def embed_table(module: nn.Module, name: str, rows: int, cols: int, axes, cfg: ModelConfig,
+                padded_rows: int | None = None):
+  init = normal_init if padded_rows is None else zero_padded(normal_init, rows)
+  return module.param(name, nn.with_logical_partitioning(init, axes), (padded_rows or rows, cols),
                       cfg.param_dtype)
 
 
@@ -196,7 +220,8 @@ class PrefixDenoiser(nn.Module):
   """Predicts clean word embeddings x0 from noisy ones x_t, the timestep and the CLIP embedding.
 
   `__call__(x_BLW, t_B, clip_BF)` -> x0_hat_BLW; `embed(ids_BL)` and `logits(x_BLW)` share the word
-  embedding table (the output head is tied to it and has its own bias).
+  embedding table (the output head is tied to it and has its own bias). The table has
+  `padded_vocab(vocab_size)` rows; `logits` gives the padding rows -inf.
   """
   cfg: ModelConfig
 
@@ -204,10 +229,12 @@ class PrefixDenoiser(nn.Module):
     cfg = self.cfg
     dense = lambda n, axes, name: Dense(n, axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                         name=name)
+    rows = padded_vocab(cfg.vocab_size)
     self.word_embedding = embed_table(self, "word_embedding", cfg.vocab_size, cfg.word_dim,
-                                      ("vocab", "word"), cfg)
+                                      ("vocab", "word"), cfg, padded_rows=rows)
     self.head_bias = self.param("head_bias", nn.with_logical_partitioning(
-        torch_linear_init(cfg.word_dim), ("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
+        zero_padded(torch_linear_init(cfg.word_dim), cfg.vocab_size), ("vocab",)), (rows,),
+        cfg.param_dtype)
     self.mapper = Mapper(cfg)
     self.time_fc1 = dense(cfg.time_hidden, ("time", "time_hidden"), "time_fc1")
     self.time_fc2 = dense(cfg.hidden_size, ("time_hidden", "embed"), "time_fc2")
@@ -231,10 +258,12 @@ class PrefixDenoiser(nn.Module):
     return jnp.take(self.word_embedding, ids_BL, axis=0).astype(jnp.float32)
 
   def logits(self, x_BLW: jax.Array) -> jax.Array:
-    """Tied output head: x @ E^T + b, in fp32."""
-    logits = jnp.einsum("blw,vw->blv", x_BLW.astype(jnp.float32),
-                        self.word_embedding.astype(jnp.float32))
-    return logits + self.head_bias.astype(jnp.float32)
+    """Tied output head: x @ E^T + b, in fp32, over the padded vocabulary (padding: -inf)."""
+    logits_BLV = jnp.einsum("blw,vw->blv", x_BLW.astype(jnp.float32),
+                            self.word_embedding.astype(jnp.float32))
+    logits_BLV = nn.with_logical_constraint(logits_BLV + self.head_bias.astype(jnp.float32),
+                                            ("batch", "length", "vocab"))
+    return jnp.where(vocab_mask(self.cfg), logits_BLV, -jnp.inf)
 
   def __call__(self, x_BLW: jax.Array, t_B: jax.Array, clip_BF: jax.Array,
                deterministic: bool = True) -> jax.Array:
@@ -263,6 +292,11 @@ class PrefixDenoiser(nn.Module):
     return x0_BLW.astype(jnp.float32)
 
 
+def vocab_mask(cfg: ModelConfig) -> jax.Array:
+  """(padded V,) True for the real words, False for the padding rows."""
+  return jnp.arange(padded_vocab(cfg.vocab_size)) < cfg.vocab_size
+
+
 def dense_params_in(params, dtype: Dtype):
   """`params` with every Dense kernel and bias already in `dtype`, the compute dtype its Dense
   casts them to on each call: the same numbers, cast once. The sampler does this before its
@@ -281,8 +315,13 @@ def dense_params_in(params, dtype: Dtype):
   return cast(params)
 
 
-def count_params(params) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+def count_params(params, cfg: ModelConfig | None = None) -> int:
+  """Number of parameters; with `cfg`, the vocabulary padding rows of the word table and the
+  head bias (which never change) are not counted, so the figure is the original's."""
+  total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  if cfg is not None:
+    total -= (padded_vocab(cfg.vocab_size) - cfg.vocab_size) * (cfg.word_dim + 1)
+  return total
 
 
 def forward_flops(cfg: ModelConfig, *, with_mapper: bool = True, with_head: bool = True) -> int:

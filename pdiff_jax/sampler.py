@@ -112,7 +112,8 @@ def sample_tokens(model, params, clip_BF: jax.Array, keys_BN: jax.Array, sched: 
                   *, eta: float = 1.0, clamp: bool = True) -> jax.Array:
   """Token ids (B, N, L): N candidates for each of B images, all in parallel (vmap x vmap)."""
   cfg = model.cfg
-  table = params["params"]["word_embedding"].astype(jnp.float32)
+  # The real words only: the table's vocabulary padding rows are never a nearest embedding.
+  table = params["params"]["word_embedding"][:cfg.vocab_size].astype(jnp.float32)
   params = model_lib.dense_params_in(params, cfg.dtype)  # cast once, not at every step
 
   def one(clip_F, key):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -49,21 +50,48 @@ def rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, str | None], ..
 def logical_shardings(abstract_boxed, mesh: Mesh, axis_rules):
   """NamedShardings for a tree whose leaves may carry nn.Partitioned logical axis names.
 
-  A dimension that its mesh axis does not divide (e.g. a 14,145-word vocabulary on 2 model
-  shards) is left replicated rather than padded.
+  A dimension that its mesh axis does not divide (e.g. 12 heads on 8 model shards) is left
+  replicated rather than padded; `replication_fallbacks` lists them. (The vocabulary is padded
+  to a multiple of 128 by the model, so it always splits.)
   """
+  shardings, _ = _fit(abstract_boxed, mesh, axis_rules)
+  return shardings
+
+
+def replication_fallbacks(abstract_boxed, mesh: Mesh, axis_rules) -> list[str]:
+  """One line per parameter dimension that its rule maps to a mesh axis which does not divide
+  it, so that it stays replicated: 'path: dim 0 (12) not divisible by model=8'."""
+  return _fit(abstract_boxed, mesh, axis_rules)[1]
+
+
+def _fit(abstract_boxed, mesh: Mesh, axis_rules):
   specs = nn.get_partition_spec(abstract_boxed)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
   shapes = nn.meta.unbox(abstract_boxed)
+  fallbacks = []
 
-  def fit(sharding: NamedSharding, leaf) -> NamedSharding:
+  def fit(path, sharding: NamedSharding, leaf) -> NamedSharding:
     spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
     for i, axis in enumerate(spec):
       if axis is not None and leaf.shape[i] % _axis_size(mesh, axis):
+        fallbacks.append(f"{jax.tree_util.keystr(path)}: dim {i} ({leaf.shape[i]}) not divisible "
+                         f"by {axis}={_axis_size(mesh, axis)}; replicated")
         spec[i] = None
     return NamedSharding(mesh, P(*spec))
 
-  return jax.tree.map(fit, shardings, shapes)
+  return jax.tree_util.tree_map_with_path(fit, shardings, shapes), fallbacks
+
+
+def with_rules(fn, axis_rules):
+  """`fn` traced under the logical-axis rules, so that `nn.with_logical_constraint` in the model
+  becomes a real sharding constraint (without rules it returns its input unchanged)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with nn.logical_axis_rules(axis_rules):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def _axis_size(mesh: Mesh, axis) -> int:

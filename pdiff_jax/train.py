@@ -187,6 +187,7 @@ def jit_train_step(model, tx, config, mesh, shardings) -> Callable:
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                            lr_schedule=make_lr_schedule(config),
                            ema_decay=config.optim.ema_decay)
+  step = sharding_lib.with_rules(step, sharding_lib.rules(config))
   return jax.jit(step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh),
                                      sharding_lib.replicated(mesh)),
                  out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
@@ -344,7 +345,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints,
                                config.train.async_checkpointing)
   abstract, shardings = state_shardings(model, tx, config, mesh)
-  log.info("trainable parameters: %s", f"{count_params(abstract.params):,}")
+  log.info("trainable parameters: %s", f"{count_params(abstract.params, model.cfg):,}")
+  boxed_params = jax.eval_shape(functools.partial(init_state, model, tx, config),
+                                jax.random.key(0)).params
+  for line in sharding_lib.replication_fallbacks(boxed_params, mesh, sharding_lib.rules(config)):
+    log.warning("parameter %s (its mesh axis does not divide it)", line)
   if ckpts.latest_step() is not None:
     start, state = ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings))
     log.info("resumed from step %d in %s", start, ckpts.directory)
@@ -354,7 +359,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
 
   p_train_step = jit_train_step(model, tx, config, mesh, shardings)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
-  p_eval_step = jax.jit(functools.partial(eval_step, model=model, schedule=schedule),
+  p_eval_step = jax.jit(sharding_lib.with_rules(functools.partial(eval_step, model=model,
+                                                                  schedule=schedule),
+                                                sharding_lib.rules(config)),
                         in_shardings=(shardings.ema_params, sharding_lib.batch_sharding(mesh),
                                       sharding_lib.replicated(mesh)),
                         out_shardings=sharding_lib.replicated(mesh))

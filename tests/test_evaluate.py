@@ -35,7 +35,8 @@ def test_eval_outputs(evaluated, trained_workdir):
   assert CONTRACT_KEYS <= set(metrics)
   assert json.load(open(os.path.join(out, "metrics.json")))["CIDEr"] == metrics["CIDEr"]
   assert metrics["num_images"] == 3 and metrics["num_candidates"] == 3 and metrics["sample_steps"] == 5
-  assert metrics["trainable_params"] == count_params(load_bundle(workdir).params) > 0
+  bundle = load_bundle(workdir)
+  assert metrics["trainable_params"] == count_params(bundle.params, bundle.model.cfg) > 0
   assert metrics["SPICE"] is None and metrics["SPICE_unavailable_reason"]
   ids = [c["image_id"] for c in captions]
   assert ids == [1014, 1015, 1016]  # Karpathy cocoid of the test images (after 12 train, 2 val)

@@ -12,6 +12,7 @@ from conftest import run_pdiff
 from pdiff_jax import clip as clip_lib
 from pdiff_jax.checkpoint import CheckpointError
 from pdiff_jax.inference import Captioner, load_bundle
+from pdiff_jax.model import padded_vocab
 
 # One xdist worker runs every test on the session's trained workdir, so it is built once.
 pytestmark = pytest.mark.xdist_group("trained_workdir")
@@ -42,7 +43,7 @@ def test_any_number_of_images_compiles_the_sampler_once(trained_workdir, image_p
 def test_bundle_has_ema_params_vocab_and_no_optimizer(trained_workdir):
   bundle = load_bundle(trained_workdir[0])
   assert bundle.step == 100 and set(bundle.params) == {"params"}
-  assert bundle.params["params"]["word_embedding"].shape[0] == len(bundle.vocab)
+  assert bundle.params["params"]["word_embedding"].shape[0] == padded_vocab(len(bundle.vocab))
   older = load_bundle(trained_workdir[0], step=50)
   assert older.step == 50
   assert not np.array_equal(np.asarray(older.params["params"]["head_bias"]),
@@ -100,7 +101,7 @@ def test_refusals(trained_workdir, tmp_path):
   words = json.loads(meta.read_text())
   words["words"].append("extra")
   meta.write_text(json.dumps(words))
-  with pytest.raises(CheckpointError, match="vocabulary has .* words but the model's embedding table"):
+  with pytest.raises(CheckpointError, match="vocabulary has .* words but the model was trained on"):
     load_bundle(str(bad))
   other = clip_lib.save_small_clip(tmp_path / "clip64", projection_dim=64)
   with pytest.raises(clip_lib.ClipLoadError, match="64-d embeddings.*32-d features"):

@@ -31,7 +31,10 @@ def test_paper_config_parameter_count():
   shapes = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 24, 48)), jnp.zeros((1,)),
                           jnp.zeros((1, 768)))
   p = nn.meta.unbox(shapes)["params"]
-  assert model_lib.count_params(p) == 94_948_257  # SPEC.md, exactly the original's
+  assert model_lib.count_params(p, cfg) == 94_948_257  # SPEC.md, exactly the original's
+  # The table and head bias carry 63 padding rows (14,145 -> 14,208 = 111 x 128), not counted.
+  assert p["word_embedding"].shape == (14_208, 48) and p["head_bias"].shape == (14_208,)
+  assert model_lib.count_params(p) == 94_948_257 + 63 * 49
   encoder = sum(model_lib.count_params(p[f"layer_{i}"]) for i in range(12))
   assert encoder == 85_054_464
   assert model_lib.count_params(p["mapper"]) == 7_083_264
@@ -45,7 +48,7 @@ def test_shapes(tiny):
   assert out.shape == (B, cfg.max_len, cfg.word_dim) and out.dtype == jnp.float32
   ids = jnp.zeros((B, cfg.max_len), jnp.int32)
   assert m.apply(params, ids, method="embed").shape == (B, cfg.max_len, cfg.word_dim)
-  assert m.apply(params, x, method="logits").shape == (B, cfg.max_len, cfg.vocab_size)
+  assert m.apply(params, x, method="logits").shape == (B, cfg.max_len, model_lib.padded_vocab(cfg.vocab_size))
   # Shorter captions work too (the position table is sliced).
   assert m.apply(params, x[:, :3], jnp.zeros((B,)), jnp.ones((B, cfg.feature_dim))).shape == (B, 3, cfg.word_dim)
 
@@ -53,9 +56,38 @@ def test_shapes(tiny):
 def test_tied_head_is_embedding_transpose_plus_bias(tiny):
   cfg, m, params = tiny
   x = jax.random.normal(jax.random.key(2), (2, cfg.max_len, cfg.word_dim))
+  V = cfg.vocab_size
   E = params["params"]["word_embedding"]
   b = params["params"]["head_bias"]
-  np.testing.assert_allclose(m.apply(params, x, method="logits"), x @ E.T + b, rtol=1e-5, atol=1e-5)
+  logits = m.apply(params, x, method="logits")
+  np.testing.assert_allclose(logits[..., :V], x @ E[:V].T + b[:V], rtol=1e-5, atol=1e-5)
+  # The padding rows: zero at init, and never chosen (-inf logits).
+  assert E.shape[0] == b.shape[0] == model_lib.padded_vocab(V) > V
+  assert np.all(np.asarray(E[V:]) == 0) and np.all(np.asarray(b[V:]) == 0)
+  assert np.all(np.isneginf(np.asarray(logits[..., V:])))
+
+
+def test_padding_rows_leave_the_real_rows_and_the_loss_unchanged(tiny):
+  """The padded table's real rows are exactly an unpadded N(0, 1) table's (same key), and the
+  rounding loss gives the padding rows no gradient, so they stay zero through training."""
+  cfg, m, params = tiny
+  key = jax.random.key(0)
+  padded = model_lib.zero_padded(model_lib.normal_init, cfg.vocab_size)(key, (128, cfg.word_dim))
+  np.testing.assert_array_equal(padded[:cfg.vocab_size], model_lib.normal_init(key, (cfg.vocab_size, cfg.word_dim)))
+  import optax
+  ids = jax.random.randint(jax.random.key(1), (2, cfg.max_len), 0, cfg.vocab_size)
+  x = jax.random.normal(jax.random.key(2), (2, cfg.max_len, cfg.word_dim))
+
+  def rounding(p):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m.apply(p, x, method="logits"), ids))
+
+  g = jax.grad(rounding)(params)["params"]
+  assert np.all(np.asarray(g["word_embedding"][cfg.vocab_size:]) == 0)
+  assert np.all(np.asarray(g["head_bias"][cfg.vocab_size:]) == 0)
+  assert np.any(np.asarray(g["word_embedding"][:cfg.vocab_size]) != 0)
+  E, b = params["params"]["word_embedding"][:cfg.vocab_size], params["params"]["head_bias"][:cfg.vocab_size]
+  unpadded = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ E.T + b, ids))
+  np.testing.assert_allclose(rounding(params), unpadded, rtol=1e-6)
 
 
 def test_initialisation_follows_pytorch_defaults():
