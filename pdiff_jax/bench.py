@@ -10,7 +10,6 @@ compute dtype.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import statistics
@@ -26,6 +25,7 @@ from pdiff_jax import model as model_lib
 from pdiff_jax import profiling
 from pdiff_jax import sampler as sampler_lib
 from pdiff_jax import sharding as sharding_lib
+from pdiff_jax import storage
 from pdiff_jax import train
 from pdiff_jax.data import pipeline
 
@@ -193,8 +193,7 @@ def run_bench(config, out: str, parts=("train", "sample", "clip"),
   result["peak_memory_bytes"] = _peak_memory()
   result["num_processes"] = jax.process_count()
   if jax.process_index() == 0:  # the train figures are global; the others are process 0's own
-    with open(out, "w") as f:
-      json.dump(result, f, indent=1)
+    storage.write_json(out, result, indent=1)
     print(table(result))
   return result
 

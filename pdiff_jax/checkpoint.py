@@ -15,7 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
+
+from pdiff_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class Checkpoints:
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = storage.uri(directory)  # orbax needs local paths absolute; gs:// as it is
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
@@ -127,7 +128,7 @@ class Checkpoints:
   def _move_aside(self, step: int) -> None:
     """Renames an unreadable step out of orbax's sight (its name is no longer a step number)."""
     if jax.process_index() == 0:
-      source = epath.Path(self.directory) / str(step)
+      source = storage.path(self.directory) / str(step)
       target = source.parent / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
       source.rename(target)
       log.warning("moved the unreadable checkpoint of step %d aside to %s", step, target)
@@ -152,9 +153,9 @@ def restore_subtree(directory: str, abstract: dict, step: int | None = None,
                     extras: tuple[str, ...] = ("vocab", "feature_stats")) -> tuple[int, Any, dict]:
   """Restores only the named top-level entries of the saved state (e.g. `ema_params`, without
   the optimizer state) and those of the JSON `extras` saved with it."""
-  if not os.path.isdir(directory):
+  if not storage.exists(directory):
     raise CheckpointError(f"{directory}: no checkpoints (train first, or check --workdir)")
-  directory = os.path.abspath(directory)  # orbax needs absolute paths
+  directory = storage.uri(directory)  # orbax needs local paths absolute
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     steps = sorted(manager.all_steps())
@@ -166,7 +167,7 @@ def restore_subtree(directory: str, abstract: dict, step: int | None = None,
     args = {"state": ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True)}
-    present = [n for n in extras if os.path.isdir(os.path.join(directory, str(step), n))]
+    present = [n for n in extras if storage.exists(storage.join(directory, str(step), n))]
     for name in present:
       args[name] = ocp.args.JsonRestore()
     try:

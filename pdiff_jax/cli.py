@@ -85,14 +85,10 @@ def _use_compilation_cache(fv: flags.FlagValues) -> None:
   if choice is None:
     if jax.config.jax_compilation_cache_dir:  # the environment chose one
       return
-    choice = _join(fv.workdir, "compilation_cache")
+    from pdiff_jax import storage
+    choice = storage.join(fv.workdir, "compilation_cache")
   if choice.lower() != "none":
     jax.config.update("jax_compilation_cache_dir", choice)
-
-
-def _join(base: str, *parts: str) -> str:
-  from etils import epath
-  return os.fspath(epath.Path(base).joinpath(*parts))
 
 
 def _cmd_train(fv: flags.FlagValues) -> int:

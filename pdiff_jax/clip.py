@@ -68,6 +68,39 @@ class ImageTransform:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def local_copy(uri: str) -> str:
+  """A local copy of the directory `uri` (gs://...) under $XDG_CACHE_HOME/pdiff_jax (default
+  ~/.cache), made once and reused; written to a temporary name first, so never half there."""
+  import hashlib
+  import shutil
+  from etils import epath
+  cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                       "pdiff_jax", "remote", hashlib.sha256(uri.encode()).hexdigest()[:16])
+  if os.path.isdir(cache):
+    return cache
+  source = epath.Path(uri)
+  if not source.exists():
+    raise ClipLoadError(f"CLIP {uri!r}: no such directory")
+  tmp = f"{cache}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+
+  def copy(src, dst):
+    os.makedirs(dst, exist_ok=True)
+    for child in src.iterdir():
+      if child.is_dir():
+        copy(child, os.path.join(dst, child.name))
+      else:
+        with open(os.path.join(dst, child.name), "wb") as f:
+          f.write(child.read_bytes())
+
+  copy(source, tmp)
+  try:
+    os.replace(tmp, cache)
+  except OSError:  # another process made it meanwhile
+    shutil.rmtree(tmp, ignore_errors=True)
+  return cache
+
+
 def _has(path: str, names: Sequence[str]) -> bool:
   return any(os.path.exists(os.path.join(path, n)) for n in names)
 
@@ -125,7 +158,12 @@ class Clip:
   @classmethod
   def load(cls, name: str, devices: Sequence[jax.Device] | None = None, dtype=jnp.float32,
            image_chunk: int = IMAGE_CHUNK, text_chunk: int = TEXT_CHUNK) -> "Clip":
+    """`name`: a hub name, a local `save_pretrained` directory, or one on gs:// (copied once
+    to a local cache: transformers reads local files only). `self.name` stays as given."""
     from transformers import AutoTokenizer, CLIPImageProcessor, FlaxCLIPModel
+    given = name
+    if "://" in name:
+      name = local_copy(name)
     local = os.path.isdir(name)
     if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
       raise ClipLoadError(f"CLIP {name!r}: no such directory")
@@ -151,7 +189,7 @@ class Clip:
       where = "directory" if local else "hub name (not in the local Hugging Face cache, and the hub is unreachable?)"
       raise ClipLoadError(f"cannot load CLIP {name!r} as a {where}: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return cls(name, model, model.params, tokenizer, ImageTransform.from_processor(processor),
+    return cls(given, model, model.params, tokenizer, ImageTransform.from_processor(processor),
                devices, image_chunk, text_chunk)
 
   @property
@@ -249,6 +287,8 @@ def abstract_clip(arch: dict):
 def load_clip_config(name: str):
   """CLIPConfig of a local `save_pretrained` directory or a hub name already in the local cache."""
   from transformers import CLIPConfig
+  if "://" in name:
+    name = local_copy(name)
   return CLIPConfig.from_pretrained(name, local_files_only=not os.path.isdir(name))
 
 

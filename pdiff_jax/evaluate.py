@@ -6,13 +6,13 @@ for any system's results file (`pdiff score`), so the two agree by construction.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
+from pdiff_jax import storage
 from pdiff_jax.inference import rank_candidates
 from pdiff_jax.metrics import clipscore, coco, diversity
 
@@ -183,7 +183,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   metrics["seconds"] = time.perf_counter() - t0
 
   if lead:
-    out_dir = out_dir or os.path.join(workdir, "eval", split)
+    out_dir = out_dir or storage.join(workdir, "eval", split)
     write_outputs(out_dir, metrics, entries, title=f"pdiff eval: {workdir} ({split})",
                   thumbnails=report_thumbnails)
   return metrics
@@ -192,27 +192,19 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
 def write_outputs(out_dir: str, metrics: dict, entries: list[dict] | None, title: str,
                   thumbnails: int = 300) -> None:
   from pdiff_jax import report
-  os.makedirs(out_dir, exist_ok=True)
-  _write_json(os.path.join(out_dir, "metrics.json"), metrics)
+  storage.makedirs(out_dir)
+  storage.write_json(storage.join(out_dir, "metrics.json"), metrics, indent=1)
   if entries is not None:
-    _write_json(os.path.join(out_dir, "captions.json"), entries)
-    report.write_report(os.path.join(out_dir, "report.html"), title, metrics, entries,
+    storage.write_json(storage.join(out_dir, "captions.json"), entries, indent=1)
+    report.write_report(storage.join(out_dir, "report.html"), title, metrics, entries,
                         max_thumbnails=thumbnails)
   print(markdown_table(metrics))
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
 
 
 def load_references(path: str, split: str = "test") -> dict:
   """image id -> (reference captions, image file name) from a Karpathy JSON (entries of `split`)
   or a COCO annotations file (`captions_val2014.json` format)."""
-  with open(path) as f:
-    data = json.load(f)
+  data = storage.read_json(path)
   out: dict = {}
   if isinstance(data, dict) and "annotations" in data:
     files = {im["id"]: im.get("file_name", "") for im in data.get("images", [])}
@@ -234,8 +226,7 @@ def score_results(results_path: str, references_path: str, split: str, out_dir: 
                   vocab_size: int, images_dir: str | None = None, clip_name: str | None = None) -> dict:
   """`pdiff score`: metrics for a COCO-format results file (several entries per image allowed:
   the first is the chosen caption, all of them the candidate set)."""
-  with open(results_path) as f:
-    results = json.load(f)
+  results = storage.read_json(results_path)
   if not isinstance(results, list) or not all(isinstance(r, dict) and "image_id" in r and "caption" in r
                                               for r in results):
     raise ValueError(f"{results_path}: expected a COCO results list of {{\"image_id\", \"caption\"}}")
@@ -254,7 +245,7 @@ def score_results(results_path: str, references_path: str, split: str, out_dir: 
   if images_dir and clip_name:
     from pdiff_jax import clip as clip_lib
     clip = clip_lib.Clip.load(clip_name)
-    image_emb = clip.encode_image_files([os.path.join(images_dir, e["image"]) for e in entries])
+    image_emb = clip.encode_image_files([storage.join(images_dir, e["image"]) for e in entries])
   metrics = score_captions(entries, vocab_size, clip, image_emb)
   metrics.update({"num_candidates": max(len(c) for c in grouped.values()), "sample_steps": None,
                   "trainable_params": None})

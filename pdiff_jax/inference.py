@@ -25,6 +25,7 @@ from pdiff_jax import checkpoint as ckpt_lib
 from pdiff_jax import clip as clip_lib
 from pdiff_jax import config as config_lib
 from pdiff_jax import sampler as sampler_lib
+from pdiff_jax import storage
 from pdiff_jax.data import images as images_lib
 from pdiff_jax.data.vocab import Vocab
 from pdiff_jax.model import PrefixDenoiser
@@ -43,10 +44,8 @@ class Bundle:
 
 def load_bundle(workdir: str, step: int | None = None,
                 devices: Sequence[jax.Device] | None = None) -> Bundle:
-  path = os.path.join(workdir, "config.json")
   try:
-    with open(path) as f:
-      config = config_lib.from_json(f.read())
+    config = config_lib.from_json(storage.read_text(storage.join(workdir, "config.json")))
   except FileNotFoundError:
     raise ckpt_lib.CheckpointError(f"{workdir}: not a training workdir (no config.json)") from None
   model = PrefixDenoiser(config_lib.model_config(config))
@@ -54,7 +53,7 @@ def load_bundle(workdir: str, step: int | None = None,
   replicated = NamedSharding(Mesh(np.asarray(devices or jax.local_devices()), ("data",)), P())
   abstract = {"ema_params": jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)}
-  step, state, extras = ckpt_lib.restore_subtree(os.path.join(workdir, "checkpoints"), abstract, step)
+  step, state, extras = ckpt_lib.restore_subtree(storage.join(workdir, "checkpoints"), abstract, step)
   vocab_json = extras.get("vocab")
   if vocab_json is None:
     raise ckpt_lib.CheckpointError(

@@ -30,10 +30,8 @@ h3{margin:0 0 4px 0;font-size:14px} .refs{color:#555}
 def _thumbnail(path: str) -> str | None:
   from PIL import Image
   from pdiff_jax.data.images import BadImage, load_image
-  if not os.path.exists(path):
-    return None
   try:
-    image = load_image(path)
+    image = load_image(path)  # local or gs://
   except BadImage:
     return None
   image.thumbnail((THUMB * 2, THUMB * 2), Image.BICUBIC)
@@ -115,7 +113,5 @@ def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: i
 
 def write_report(path: str, title: str, metrics: dict, entries: Sequence[dict],
                  max_thumbnails: int | None = None) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(render(title, metrics, entries, max_thumbnails))
-  os.replace(tmp, path)
+  from pdiff_jax import storage
+  storage.write_text(path, render(title, metrics, entries, max_thumbnails))

@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import math
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -28,6 +27,7 @@ from pdiff_jax import checkpoint as ckpt_lib
 from pdiff_jax import config as config_lib
 from pdiff_jax import diffusion
 from pdiff_jax import sharding as sharding_lib
+from pdiff_jax import storage
 from pdiff_jax.data import features as features_lib
 from pdiff_jax.data import pipeline
 from pdiff_jax.model import PrefixDenoiser, count_params
@@ -49,27 +49,7 @@ class TrainingDiverged(RuntimeError):
   pass
 
 
-class WorkdirLocked(RuntimeError):
-  pass
-
-
-def _lock_workdir(workdir: str):
-  """An exclusive lock on workdir/.train.lock, released by the OS when the process dies."""
-  import fcntl
-  f = open(os.path.join(workdir, ".train.lock"), "a+")
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    f.seek(0)
-    holder = f.read().strip() or "another process"
-    f.close()
-    raise WorkdirLocked(f"{workdir} is being trained by {holder}; wait for it or use another "
-                        "--workdir") from None
-  f.seek(0)
-  f.truncate()
-  f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-  f.flush()
-  return f
+WorkdirLocked = storage.LockedError  # a second trainer on a workdir (local or gs://)
 
 
 def make_model(config: ml_collections.ConfigDict) -> PrefixDenoiser:
@@ -249,23 +229,20 @@ class _Stop:
 
 
 class _MetricsLog:
-  """metrics.jsonl (appended; lines past the resume step dropped), TensorBoard and console."""
+  """metrics.jsonl (lines past the resume step dropped; on gs:// uploaded at most every 10 s and
+  at every checkpoint), TensorBoard and the console."""
 
   def __init__(self, workdir: str, start_step: int, total_steps: int, enabled: bool):
     self.enabled, self.total = enabled, total_steps
-    self.path = os.path.join(workdir, "metrics.jsonl")
     self.last_step, self.last_time = start_step, time.perf_counter()
-    self.writer = None
+    self.writer = self.lines = None
     if not enabled:
       return
-    if os.path.exists(self.path):  # a resumed run redoes the steps after its checkpoint
-      with open(self.path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= start_step]
-      with open(self.path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(self.path + ".tmp", self.path)
+    # A resumed run redoes the steps after its checkpoint: their old lines go.
+    self.lines = storage.LineLog(storage.join(workdir, "metrics.jsonl"),
+                                 keep=lambda l: json.loads(l).get("step", 0) <= start_step)
     from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.writer = SummaryWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, step: int, values: dict[str, float], prefix: str = "") -> None:
     now = time.perf_counter()
@@ -283,18 +260,24 @@ class _MetricsLog:
                                              if k != "step"))
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    self.lines.append(json.dumps(record))
     for k, v in record.items():
       if k != "step":
         self.writer.add_scalar(k, v, step)
 
+  def flush(self) -> None:
+    if self.lines is not None:
+      self.lines.flush()
+
   def close(self):
-    if self.writer is not None:
-      try:
-        self.writer.close()
-      except OSError as e:  # e.g. a full disk: never hide the error that stopped the run
-        log.warning("closing the TensorBoard writer failed: %s", e)
+    try:
+      self.flush()
+    finally:
+      if self.writer is not None:
+        try:
+          self.writer.close()
+        except OSError as e:  # e.g. a full disk: never hide the error that stopped the run
+          log.warning("closing the TensorBoard writer failed: %s", e)
 
 
 def _duration(seconds: float) -> str:
@@ -310,21 +293,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `overrides`: the config keys a user set by flag (they are never replaced by the feature
   store's sizes).
 
-  Process 0 holds a lock on the workdir for the whole run, so a second trainer started on the
-  same workdir refuses instead of interleaving checkpoints; a dead process holds no lock.
+  Process 0 holds a lock on the workdir for the whole run (`storage.WorkdirLock`, local or
+  gs://), so a second trainer started on the same workdir refuses instead of interleaving
+  checkpoints; a dead process's lock does not block a restart.
   """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
+  storage.makedirs(workdir)
+  lock = storage.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
   try:
-    return _train_and_evaluate(config, workdir, devices, overrides)
+    return _train_and_evaluate(config, workdir, devices, overrides, lock)
   finally:
     if lock is not None:
-      lock.close()
+      lock.release()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices,
-                        overrides) -> TrainState:
+                        overrides, lock: storage.WorkdirLock | None) -> TrainState:
   train_split, val_split, vocab = load_splits(config, overrides=overrides)
   extras = {"vocab": None if vocab is None else {"words": vocab.words, "min_count": vocab.min_count}}
   if config.data.source != "synthetic" and config.data.standardize_features:
@@ -333,8 +317,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   mesh = sharding_lib.make_mesh(config, devices)
   is_main = jax.process_index() == 0
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
+    storage.write_text(storage.join(workdir, "config.json"), config_lib.to_json(config))
   log.info("jax %s, flax %s, optax %s; %d process(es), %d device(s): %s; mesh %s",
            jax.__version__, flax.__version__, optax.__version__, jax.process_count(),
            mesh.devices.size, mesh.devices.flat[0].device_kind, dict(mesh.shape))
@@ -342,7 +325,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   model, tx = make_model(config), make_optimizer(config)
   root_key = jax.random.key(config.seed)
   init_key, step_key, eval_key = jax.random.split(root_key, 3)
-  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints,
+  ckpts = ckpt_lib.Checkpoints(storage.join(workdir, "checkpoints"), config.train.keep_checkpoints,
                                config.train.async_checkpointing)
   abstract, shardings = state_shardings(model, tx, config, mesh)
   log.info("trainable parameters: %s", f"{count_params(abstract.params, model.cfg):,}")
@@ -413,10 +396,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
         # Read once: a signal arriving later is handled next step. With several processes a
         # SIGTERM on any of them makes all agree on one step to save at (a collective).
         stopping = ckpts.reached_preemption(done) if multi_process else stop.requested
+        if lock is not None:
+          lock.heartbeat()  # renews a gs:// lock at most once a minute
         if done % t.checkpoint_every == 0 or done == total or stopping:
           finish(*pending)
           pending = None
           ckpts.save(done, state, extras)
+          metrics_log.flush()
         if stopping:
           log.warning("stopped at step %d on request; checkpoint saved", done)
           break

@@ -11,20 +11,21 @@ Layout of `data.feature_dir` (no pickle anywhere):
   shards/                     per-shard CLIP features; each written atomically, reused by re-runs
 
 Extraction is split into shards of `data.shard_size` images; JAX process p does the shards
-with index = p (mod process count), skips shards already on disk, and process 0 merges.
-Every file is written to a temporary name and renamed, so a crash leaves finished files intact.
+with index = p (mod process count), skips shards already written, and process 0 merges.
+`data.feature_dir` may be local or gs:// (`storage`): every file is written whole or not at all,
+so a crash leaves finished files intact; splits are memory-mapped where local, read whole where
+remote.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from pdiff_jax import storage
 from pdiff_jax.data import images as images_lib
 from pdiff_jax.data import sources as sources_lib
 from pdiff_jax.data.pipeline import CaptionSplit
@@ -40,25 +41,12 @@ class FeatureStoreError(RuntimeError):
   pass
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, mode) as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _write_json(path: str, obj) -> None:
-  _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n"), "w")
-
-
-def _write_npy(path: str, array: np.ndarray) -> None:
-  _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+  storage.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _shard_path(feature_dir: str, split: str, index: int) -> str:
-  return os.path.join(feature_dir, "shards", f"{split}-{index:05d}.npz")
+  return storage.join(feature_dir, "shards", f"{split}-{index:05d}.npz")
 
 
 def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
@@ -77,16 +65,15 @@ def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
   records = source.records()
   if not records.get("train"):
     raise sources_lib.SourceError(f"data.source={d.source!r} has no 'train' images")
-  os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+  storage.makedirs(storage.join(out, "shards"))
 
   # Shards depend on the CLIP, the source and the sharding; refuse to mix extractions.
   plan = {"clip_model": clip.name, "source": d.source, "shard_size": int(d.shard_size),
           "image_root": d.image_root, "restval_in_train": bool(d.restval_in_train),
           "splits": {s: len(r) for s, r in sorted(records.items())}}
-  plan_path = os.path.join(out, "shards", "plan.json")
-  if os.path.exists(plan_path):
-    with open(plan_path) as f:
-      if json.load(f) != plan:
+  plan_path = storage.join(out, "shards", "plan.json")
+  if storage.exists(plan_path):
+    if storage.read_json(plan_path) != plan:
         raise FeatureStoreError(
             f"{out}: holds shards of a different extraction (see {plan_path}); remove the "
             "directory or set data.feature_dir elsewhere")
@@ -96,7 +83,7 @@ def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
   todo = []
   for split, recs in sorted(records.items()):
     for i in range(math.ceil(len(recs) / d.shard_size)):
-      if i % process_count == process_index and not os.path.exists(_shard_path(out, split, i)):
+      if i % process_count == process_index and not storage.exists(_shard_path(out, split, i)):
         todo.append((split, i))
   total = sum(min(d.shard_size, len(records[s]) - i * d.shard_size) for s, i in todo)
   bar = tqdm(total=total, unit="img", desc=f"extract (process {process_index})",
@@ -134,8 +121,7 @@ def _extract_shard(out, split, index, images, count, clip, batch_size, bar) -> N
   feats = (np.concatenate(features) if features
            else np.zeros((0, clip.embed_dim), np.float32)).astype(np.float32)
   skipped = np.array([f"{p}\t{r}" for p, r in sorted(reasons.items())], dtype=np.str_)
-  _atomic_write(_shard_path(out, split, index),
-                lambda f: np.savez(f, features=feats, ok=ok, skipped=skipped))
+  storage.save_npz(_shard_path(out, split, index), features=feats, ok=ok, skipped=skipped)
 
 
 def _merge(config, records, clip) -> dict:
@@ -143,7 +129,7 @@ def _merge(config, records, clip) -> dict:
   d = config.data
   out = d.feature_dir
   vocab = Vocab.build((t for r in records["train"] for t in r.tokens), int(d.min_count))
-  vocab.save(os.path.join(out, "vocab.json"))
+  vocab.save(storage.join(out, "vocab.json"))
   dtype = FEATURE_DTYPES[d.feature_dtype]
   skipped_all, splits = [], {}
   for split, recs in sorted(records.items()):
@@ -151,14 +137,14 @@ def _merge(config, records, clip) -> dict:
     for i in range(math.ceil(len(recs) / d.shard_size)):
       path = _shard_path(out, split, i)
       try:
-        with np.load(path, allow_pickle=False) as shard:
-          feats.append(shard["features"])
-          ok.append(shard["ok"])
-          for line in shard["skipped"]:
-            pos, reason = str(line).split("\t", 1)
-            rec = recs[i * d.shard_size + int(pos)]
-            skipped_all.append({"split": split, "image": rec.image, "image_id": rec.image_id,
-                                "reason": reason})
+        shard = storage.load_npz(path)
+        feats.append(shard["features"])
+        ok.append(shard["ok"])
+        for line in shard["skipped"]:
+          pos, reason = str(line).split("\t", 1)
+          rec = recs[i * d.shard_size + int(pos)]
+          skipped_all.append({"split": split, "image": rec.image, "image_id": rec.image_id,
+                              "reason": reason})
       except (OSError, ValueError, KeyError) as e:
         raise FeatureStoreError(f"{path}: unreadable shard ({e}); delete it and run extract again") from None
     ok_mask = np.concatenate(ok)
@@ -168,32 +154,31 @@ def _merge(config, records, clip) -> dict:
         np.zeros((0, d.max_len), np.int32)
     image_index = np.repeat(np.arange(len(kept), dtype=np.int32),
                             [len(r.tokens) for r in kept]).astype(np.int32)
-    _write_npy(os.path.join(out, f"{split}_features.npy"), features)
-    _write_npy(os.path.join(out, f"{split}_ids.npy"), ids.astype(np.int32))
-    _write_npy(os.path.join(out, f"{split}_image_index.npy"), image_index)
-    _write_json(os.path.join(out, f"{split}_images.json"),
+    storage.save_npy(storage.join(out, f"{split}_features.npy"), features)
+    storage.save_npy(storage.join(out, f"{split}_ids.npy"), ids.astype(np.int32))
+    storage.save_npy(storage.join(out, f"{split}_image_index.npy"), image_index)
+    _write_json(storage.join(out, f"{split}_images.json"),
                 [{"image_id": r.image_id, "image": r.image, "captions": list(r.captions)} for r in kept])
     splits[split] = {"images": len(kept), "captions": int(ids.shape[0]),
                      "skipped": int(len(recs) - len(kept))}
-  _write_json(os.path.join(out, "skipped.json"), skipped_all)
+  _write_json(storage.join(out, "skipped.json"), skipped_all)
   manifest = {
       "format_version": FORMAT_VERSION, "clip_model": clip.name, "feature_dim": int(clip.embed_dim),
       "feature_dtype": d.feature_dtype, "max_len": int(d.max_len), "min_count": int(d.min_count),
       "vocab_size": len(vocab), "vocab_hash": vocab.hash, "source": d.source, "splits": splits,
   }
-  _write_json(os.path.join(out, "manifest.json"), manifest)
+  _write_json(storage.join(out, "manifest.json"), manifest)
   n_skipped = len(skipped_all)
   log.info("feature store %s: %s; %d image(s) skipped%s", out,
            ", ".join(f"{s} {v['images']} images / {v['captions']} captions" for s, v in splits.items()),
-           n_skipped, f" (listed in {os.path.join(out, 'skipped.json')})" if n_skipped else "")
+           n_skipped, f" (listed in {storage.join(out, 'skipped.json')})" if n_skipped else "")
   return manifest
 
 
 def load_manifest(feature_dir: str) -> dict:
-  path = os.path.join(feature_dir, "manifest.json")
+  path = storage.join(feature_dir, "manifest.json")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return storage.read_json(path)
   except FileNotFoundError:
     raise FeatureStoreError(f"{feature_dir}: no manifest.json; run `pdiff extract` with this "
                             "config first (or it did not finish)") from None
@@ -207,7 +192,7 @@ class FeatureStore:
   def __init__(self, feature_dir: str):
     self.dir = feature_dir
     self.manifest = load_manifest(feature_dir)
-    self.vocab = Vocab.load(os.path.join(feature_dir, "vocab.json"))
+    self.vocab = Vocab.load(storage.join(feature_dir, "vocab.json"))
     if self.vocab.hash != self.manifest["vocab_hash"]:
       raise FeatureStoreError(f"{feature_dir}: vocab.json does not match manifest.json")
 
@@ -218,10 +203,10 @@ class FeatureStore:
   def split(self, name: str) -> CaptionSplit:
     if name not in self.manifest["splits"]:
       raise FeatureStoreError(f"{self.dir}: no split {name!r} (has {', '.join(self.splits)})")
-    path = lambda kind: os.path.join(self.dir, f"{name}_{kind}.npy")
+    path = lambda kind: storage.join(self.dir, f"{name}_{kind}.npy")
     try:
-      return CaptionSplit(np.load(path("features"), mmap_mode="r"), np.load(path("ids"), mmap_mode="r"),
-                          np.load(path("image_index"), mmap_mode="r"))
+      return CaptionSplit(storage.load_npy(path("features")), storage.load_npy(path("ids")),
+                          storage.load_npy(path("image_index")))
     except (OSError, ValueError) as e:
       raise FeatureStoreError(f"{self.dir}: split {name!r} is unreadable ({e})") from None
 
@@ -231,6 +216,5 @@ class FeatureStore:
     return feats.mean(0).astype(np.float32), np.maximum(feats.std(0), 1e-6).astype(np.float32)
 
   def images(self, name: str) -> list[dict]:
-    with open(os.path.join(self.dir, f"{name}_images.json")) as f:
-      return json.load(f)
+    return storage.read_json(storage.join(self.dir, f"{name}_images.json"))
 

@@ -7,6 +7,7 @@ reason. Sizes are checked from the header before any pixel is decoded (decompres
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import BinaryIO
@@ -41,8 +42,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-  """Opens, checks and decodes an image file (path or binary file object) to RGB, or raises
-  BadImage with the reason."""
+  """Opens, checks and decodes an image file (local path, gs:// URI or binary file object) to
+  RGB, or raises BadImage with the reason."""
+  if isinstance(path, (str, os.PathLike)) and "://" in os.fspath(path):  # gs://...: read it whole
+    from etils import epath
+    try:
+      path = io.BytesIO(epath.Path(path).read_bytes())
+    except (FileNotFoundError, IsADirectoryError):
+      raise BadImage("missing file") from None
   if isinstance(path, (str, os.PathLike)):
     try:
       size = os.path.getsize(path)

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from pdiff_jax import storage
 from pdiff_jax.data import images as images_lib
 from pdiff_jax.data import vocab as vocab_lib
 
@@ -63,8 +64,7 @@ class FileSource:
 
 def _read_json(path: str, what: str):
   try:
-    with open(path) as f:
-      return json.load(f)
+    return storage.read_json(path)
   except FileNotFoundError:
     raise SourceError(f"{path}: {what} not found") from None
   except (OSError, ValueError) as e:
@@ -98,22 +98,21 @@ def karpathy(path: str, image_root: str, restval_in_train: bool = True,
 def folder(root: str, max_pixels: int = images_lib.DEFAULT_MAX_PIXELS) -> FileSource:
   """`root/captions.jsonl`: one `{"image": "rel/path.jpg", "captions": [...], "split": "train"}`
   per line (`split` defaults to train; an optional `id` is the image id, else the path)."""
-  path = os.path.join(root, "captions.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(root, "captions.jsonl")
+  if not storage.exists(path):
     raise SourceError(f"{path}: not found (a folder source needs captions.jsonl)")
   splits: dict[str, list[ImageRecord]] = {}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        entry = json.loads(line)
-        raw = [str(c) for c in entry["captions"]]
-        rel = entry["image"]
-      except (ValueError, KeyError, TypeError) as e:
-        raise SourceError(f"{path}:{n}: expected {{\"image\": ..., \"captions\": [...]}} ({e})") from None
-      record = ImageRecord(entry.get("id", rel), os.path.join(root, rel), tuple(raw), _tokens(raw))
-      splits.setdefault(entry.get("split", "train"), []).append(record)
+  for n, line in enumerate(storage.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      entry = json.loads(line)
+      raw = [str(c) for c in entry["captions"]]
+      rel = entry["image"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise SourceError(f"{path}:{n}: expected {{\"image\": ..., \"captions\": [...]}} ({e})") from None
+    record = ImageRecord(entry.get("id", rel), os.path.join(root, rel), tuple(raw), _tokens(raw))
+    splits.setdefault(entry.get("split", "train"), []).append(record)
   return FileSource(splits, max_pixels)
 
 

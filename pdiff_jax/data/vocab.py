@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pdiff_jax import storage
+
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 _PUNCT = re.compile(r"[^a-z0-9\s]")
@@ -65,16 +67,12 @@ class Vocab:
     return hashlib.sha256("\n".join(self.words).encode()).hexdigest()[:16]
 
   def save(self, path: str | os.PathLike) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(self.to_json())
-    os.replace(tmp, path)
+    storage.write_text(path, self.to_json())
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Vocab":
     try:
-      with open(path) as f:
-        d = json.load(f)
+      d = storage.read_json(path)
       return cls(d["words"], d.get("min_count", 2))
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise ValueError(f"{path}: not a readable vocabulary ({e})") from None
