@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import CONFIGS, write_image, write_karpathy
+from conftest import CONFIGS, write_karpathy
 from gcs_server import FakeGCS, upload_tree, use_in_this_process
 
 BUCKET = "pdiff-test"
