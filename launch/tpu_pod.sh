@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU pod slice: creates the TPU VM if it does not exist, copies this checkout
-# to every worker, sets up the pinned venv on each (idempotent), and starts `pdiff train` on all
-# workers at once under nohup, one log per worker. Data and workdir should be on a bucket
-# (gs://...) or a disk every worker sees. JAX finds the pod by itself (PDIFF_DISTRIBUTED=auto).
+# to every worker, sets up the pinned venv on each (idempotent), and runs `pdiff extract` (it
+# skips finished shards, so a re-run resumes it) then `pdiff train` on all workers at once under
+# nohup, one log per worker. Data, features and workdir go on a bucket (gs://...): every path
+# takes a URI, checkpoints are written by orbax straight to gs://, and the workdir's lock and the
+# compilation cache live there too (tests/test_gcs.py runs this sequence against a local GCS
+# server). JAX finds the pod by itself (PDIFF_DISTRIBUTED=auto).
 #   usage: launch/tpu_pod.sh [--dry_run] NAME ZONE ACCELERATOR CONFIG WORKDIR [overrides...]
 # e.g.:   launch/tpu_pod.sh pdiff-v4 us-central2-b v4-32 configs/paper_coco.py gs://b/runs/paper \
-#           --config.data.feature_dir=gs://b/features_vitl14
+#           --config.data.source=karpathy:gs://b/coco/dataset_coco.json \
+#           --config.data.image_root=gs://b/coco/images --config.data.feature_dir=gs://b/features_vitl14
 # Follow a worker: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command 'tail -f pdiff/train.log'
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,5 +33,5 @@ ssh_all "mkdir -p pdiff && tar xzf pdiff_jax.tar.gz -C pdiff && cd pdiff && \
   ( [ -x .venv/bin/python ] || python3 -m venv .venv ) && \
   .venv/bin/pip install --quiet -c requirements.txt -e . 'jax[tpu]==$jax_version'"
 overrides=$(printf ' %q' "$@")
-ssh_all "cd pdiff && PDIFF_DISTRIBUTED=auto nohup .venv/bin/pdiff train --config=$config \
-  --workdir=$workdir$overrides > train.log 2>&1 < /dev/null &"
+ssh_all "cd pdiff && PDIFF_DISTRIBUTED=auto nohup sh -c '.venv/bin/pdiff extract --config=$config$overrides \
+  && .venv/bin/pdiff train --config=$config --workdir=$workdir$overrides' > train.log 2>&1 < /dev/null &"

@@ -82,7 +82,8 @@ def run_demo(base_config, workdir: str, fast: bool = False, progress: bool = Tru
   _stage("3/6 CLIP features (pdiff extract)")
   manifest_path = os.path.join(config.data.feature_dir, "manifest.json")
   if not os.path.exists(manifest_path):
-    features.extract(config, clip_lib.Clip.load(config.clip.model), progress=progress)
+    clip = clip_lib.Clip.load(config.clip.model, image_chunk=config.clip.batch_size)
+    features.extract(config, clip, progress=progress)
 
   _stage("4/6 training (pdiff train)")
   model_dir = os.path.join(workdir, "model")

@@ -74,11 +74,14 @@ def test_pod_workflow_on_gs(gcs, tmp_path, clip_dir):
   train = ["train", *config, f"--workdir={workdir}", "--config.train.checkpoint_every=4",
            "--config.train.log_every=2", "--config.train.eval_every=1000000"]
 
+  # The trainers use the compilation cache in the gs:// workdir (the default), not the suite's.
+  train_env = {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
   def trainers(num_steps, log_name):
     logs = [open(tmp_path / f"{log_name}{i}.log", "w+") for i in range(2)]
     return [subprocess.Popen([sys.executable, "-m", "pdiff_jax", *train, f"--config.train.num_steps={num_steps}",
                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                             cwd=cwd, env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)], logs
+                             cwd=cwd, env=train_env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)], logs
 
   procs, logs = trainers(1_000_000, "first")
   ckpts = lambda: ckpt_lib.Checkpoints(f"{workdir}/checkpoints", read_only=True).steps()
@@ -120,6 +123,7 @@ def test_pod_workflow_on_gs(gcs, tmp_path, clip_dir):
     assert name in objects, name
   assert any(o.startswith("runs/w/tensorboard/events.out.tfevents") for o in objects)
   assert any(o.startswith(f"runs/w/checkpoints/{done + 4}/") for o in objects)
+  assert any(o.startswith("runs/w/compilation_cache/") for o in objects)
   assert "runs/w/.train.lock" not in objects  # released by the clean exit
   records = [json.loads(l) for l in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
   steps = [r["step"] for r in records if "loss" in r]
