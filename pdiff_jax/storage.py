@@ -291,8 +291,14 @@ class WorkdirLock:
     """Renews a remote lock's heartbeat (cheap to call often: it writes at most every `renew` s)."""
     if self._blob is None or time.monotonic() - self._beat < self.renew:
       return
-    self._blob.upload_from_string(json.dumps(self._owner()),
-                                  if_generation_match=self._blob.generation)
+    from google.api_core import exceptions
+    try:
+      self._blob.upload_from_string(json.dumps(self._owner()),
+                                    if_generation_match=self._blob.generation)
+    except exceptions.PreconditionFailed:
+      self._blob = None  # not ours any more: never delete it on release
+      raise LockedError(f"{self.path}: another trainer took this workdir's lock over (no heartbeat "
+                        f"from here for over {self.stale_after:.0f} s?); stopping") from None
     self._beat = time.monotonic()
 
   def release(self) -> None:

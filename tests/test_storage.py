@@ -113,8 +113,12 @@ def test_lock_on_object_storage(gcs, caplog):
   storage.write_json(f"{workdir}/.train.lock", other)
   with pytest.raises(storage.LockedError, match="pid 1 on elsewhere"):
     storage.WorkdirLock(workdir).acquire()
-  # ... until its heartbeat is older than stale_after.
-  storage.WorkdirLock(workdir, stale_after=-1).acquire().release()
+  # ... until its heartbeat is older than stale_after. A holder whose lock was taken over
+  # stops at its next heartbeat instead of writing on.
+  slow = storage.WorkdirLock(workdir, stale_after=-1, renew=0).acquire()
+  storage.WorkdirLock(workdir, stale_after=-1).acquire()
+  with pytest.raises(storage.LockedError, match="took this workdir's lock over"):
+    slow.heartbeat()
 
 
 def test_local_lock_is_released_by_the_os(tmp_path):
