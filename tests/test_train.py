@@ -150,6 +150,22 @@ def _params(state):
   return jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
+def _crash_at(monkeypatch, crash_step, config, workdir, devices):
+  """Trains `config` in `workdir` until building the batch of `crash_step` raises; then restores
+  the real pipeline."""
+  real = pipeline.local_batch
+
+  def crashing(split, step, *args, **kwargs):
+    if step == crash_step:
+      raise RuntimeError("simulated crash")
+    return real(split, step, *args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "local_batch", crashing)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.train_and_evaluate(config, workdir, devices=devices)
+  monkeypatch.setattr(pipeline, "local_batch", real)
+
+
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
   """10 steps, a crash, a resumed run to 20 == 20 uninterrupted steps, bit for bit."""
   config = load_config("tiny", **{"train.checkpoint_every": 5, "train.log_every": 1,
@@ -157,19 +173,9 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
   devices = jax.devices()[:1]
   full = train.train_and_evaluate(config, str(tmp_path / "full"), devices=devices)
 
-  real = pipeline.local_batch
-
-  def crash_at_12(split, step, *args, **kwargs):
-    if step == 12:
-      raise RuntimeError("simulated crash")
-    return real(split, step, *args, **kwargs)
-
-  monkeypatch.setattr(pipeline, "local_batch", crash_at_12)
   part = str(tmp_path / "part")
-  with pytest.raises(RuntimeError, match="simulated crash"):
-    train.train_and_evaluate(config, part, devices=devices)
+  _crash_at(monkeypatch, 12, config, part, devices)
   assert ckpt_lib.Checkpoints(os.path.join(part, "checkpoints")).latest_step() == 10
-  monkeypatch.setattr(pipeline, "local_batch", real)
   resumed = train.train_and_evaluate(config, part, devices=devices)
 
   jax.tree.map(np.testing.assert_array_equal, _params(full), _params(resumed))
@@ -228,18 +234,8 @@ def test_training_past_a_corrupt_checkpoint_moves_it_aside(tmp_path, monkeypatch
                                   "train.eval_every": 1000})
   devices = jax.devices()[:1]
   full = train.train_and_evaluate(config, str(tmp_path / "full"), devices=devices)
-  real = pipeline.local_batch
-
-  def crash_at_5(split, step, *args, **kwargs):
-    if step == 5:
-      raise RuntimeError("simulated crash")
-    return real(split, step, *args, **kwargs)
-
   work = tmp_path / "work"
-  monkeypatch.setattr(pipeline, "local_batch", crash_at_5)
-  with pytest.raises(RuntimeError, match="simulated crash"):
-    train.train_and_evaluate(config, str(work), devices=devices)
-  monkeypatch.setattr(pipeline, "local_batch", real)
+  _crash_at(monkeypatch, 5, config, str(work), devices)
   corrupt_checkpoint(work / "checkpoints" / "4")
   resumed = train.train_and_evaluate(config, str(work), devices=devices)
   aside = [n for n in os.listdir(work / "checkpoints") if n.startswith("4.corrupt-")]
