@@ -33,5 +33,9 @@ ssh_all "mkdir -p pdiff && tar xzf pdiff_jax.tar.gz -C pdiff && cd pdiff && \
   ( [ -x .venv/bin/python ] || python3 -m venv .venv ) && \
   .venv/bin/pip install --quiet -c requirements.txt -e . 'jax[tpu]==$jax_version'"
 overrides=$(printf ' %q' "$@")
-ssh_all "cd pdiff && PDIFF_DISTRIBUTED=auto nohup sh -c '.venv/bin/pdiff extract --config=$config$overrides \
-  && .venv/bin/pdiff train --config=$config --workdir=$workdir$overrides' > train.log 2>&1 < /dev/null &"
+# The two commands run under one `nohup bash -c '...'` on each worker: its single quotes are
+# escaped ('\'') so that any override survives both the remote shell and bash -c.
+job=".venv/bin/pdiff extract --config=$(printf %q "$config")$overrides && .venv/bin/pdiff train \
+--config=$(printf %q "$config") --workdir=$(printf %q "$workdir")$overrides"
+job=${job//\'/\'\\\'\'}
+ssh_all "cd pdiff && PDIFF_DISTRIBUTED=auto nohup bash -c '$job' > train.log 2>&1 < /dev/null &"

@@ -90,7 +90,9 @@ def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dic
   ids = rng.integers(0, m.vocab_size, (B, L)).astype(np.int32)
   feats = rng.standard_normal((B, m.feature_dim)).astype(np.float32)
   batch = sharding_lib.global_batch({"ids": ids[rows], "features": feats[rows]}, mesh)
-  B = int(batch["ids"].shape[0])  # what the step really runs on
+  global_B = int(batch["ids"].shape[0])  # what the step really runs on
+  if global_B != B:
+    raise RuntimeError(f"the global batch has {global_B} rows, not train.batch_size={B}")
   key = jax.random.key(0)
   with jax.set_mesh(mesh):
     # Compiled once, explicitly: the compile time is XLA's alone (not a first step's too), and
@@ -109,7 +111,8 @@ def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dic
     flops = model_lib.train_flops_per_example(config_lib.model_config(config)) * B
     out = {"examples_per_sec": B / seconds, "tokens_per_sec": B * L / seconds,
            "flops_per_sec": flops / seconds, "step_seconds": seconds, "compile_seconds": compile_s,
-           "batch_size": B, "global_batch_size": B, "processes": jax.process_count()}
+           "batch_size": int(config.train.batch_size), "global_batch_size": global_B,
+           "processes": jax.process_count()}
     if profile_dir:
       out["profile"] = _profile(compiled, run, _profile_subdir(profile_dir, "train"), flops)
   return out

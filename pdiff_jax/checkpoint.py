@@ -97,18 +97,21 @@ class Checkpoints:
     sync point, through orbax); to be called at every step. False in single-process runs."""
     return self.manager.reached_preemption(step)
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
+  def restore(self, abstract_state: Any, step: int | None = None,
+              move_aside: bool = False) -> tuple[int, Any]:
     """Restores `step` (default: the newest readable one) into the shardings of `abstract_state`.
 
-    A newest checkpoint that fails to read (half-written, corrupt) is skipped in favour of the
-    one before it, and moved aside to `<step>.corrupt-<time>` (by process 0, with a warning
-    naming it) so that training can save that step again; an explicitly requested step is not.
-    With several processes a step counts as readable only if every process read it.
+    Newer checkpoints that fail to read (corrupt, half-written) are skipped in favour of an older
+    one, each with a warning; with `move_aside` (training does this), once an older one has
+    restored, process 0 renames the skipped ones to `<step>.corrupt-<time>` so that training can
+    save those steps again. Nothing is renamed when no step restores (a config that no longer
+    fits the checkpoints, say). An explicitly requested step is not skipped. With several
+    processes a step counts as readable only if every process read it.
     """
     candidates = [step] if step is not None else list(reversed(self.steps()))
     if not candidates:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    errors = []
+    errors, skipped = [], []
     for s in candidates:
       try:
         restored = self.manager.restore(
@@ -117,13 +120,18 @@ class Checkpoints:
       except Exception as e:  # orbax raises many types for unreadable data
         restored, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
       if _all_processes(error is None):
+        if move_aside:
+          for newer in skipped:
+            self._move_aside(newer)
         return s, restored
       errors.append(f"step {s}: {error or 'unreadable on another process'}")
+      skipped.append(s)
       if step is None:
         log.warning("checkpoint at step %d in %s is unreadable (%s); trying an older one", s,
                     self.directory, error or "on another process")
-        self._move_aside(s)
-    raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
+    raise CheckpointError(f"no readable checkpoint in {self.directory} (nothing was moved; a "
+                          "config whose shapes differ from the checkpoints' cannot restore them): "
+                          + "; ".join(errors))
 
   def _move_aside(self, step: int) -> None:
     """Renames an unreadable step out of orbax's sight (its name is no longer a step number)."""

@@ -68,32 +68,40 @@ class ImageTransform:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def local_copy(uri: str) -> str:
-  """A local copy of the directory `uri` (gs://...) under $XDG_CACHE_HOME/pdiff_jax (default
-  ~/.cache), made once and reused; written to a temporary name first, so never half there."""
+def local_copy(uri: str, only: Sequence[str] | None = None) -> str:
+  """A local copy of the directory `uri` (gs://...), or of the files `only` in it, under
+  $XDG_CACHE_HOME/pdiff_jax (default ~/.cache). Keyed by the URI and every copied file's name,
+  size and modification time, so a replaced model is fetched again; written to a temporary name
+  first, so never half there."""
   import hashlib
   import shutil
   from etils import epath
-  cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                       "pdiff_jax", "remote", hashlib.sha256(uri.encode()).hexdigest()[:16])
-  if os.path.isdir(cache):
-    return cache
   source = epath.Path(uri)
   if not source.exists():
     raise ClipLoadError(f"CLIP {uri!r}: no such directory")
+  files = []
+
+  def walk(d, rel=""):
+    for child in sorted(d.iterdir(), key=lambda c: c.name):
+      name = f"{rel}{child.name}"
+      if child.is_dir():
+        walk(child, name + "/")
+      elif only is None or name in only:
+        st = child.stat()
+        files.append((name, child, st.length, st.mtime))
+
+  walk(source)
+  key = hashlib.sha256(repr([uri] + [(n, size, mtime) for n, _, size, mtime in files]).encode())
+  cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                       "pdiff_jax", "remote", key.hexdigest()[:16])
+  if os.path.isdir(cache):
+    return cache
   tmp = f"{cache}.tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
-
-  def copy(src, dst):
-    os.makedirs(dst, exist_ok=True)
-    for child in src.iterdir():
-      if child.is_dir():
-        copy(child, os.path.join(dst, child.name))
-      else:
-        with open(os.path.join(dst, child.name), "wb") as f:
-          f.write(child.read_bytes())
-
-  copy(source, tmp)
+  for name, child, _, _ in files:
+    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+    with open(os.path.join(tmp, name), "wb") as f:
+      f.write(child.read_bytes())
   try:
     os.replace(tmp, cache)
   except OSError:  # another process made it meanwhile
@@ -288,7 +296,7 @@ def load_clip_config(name: str):
   """CLIPConfig of a local `save_pretrained` directory or a hub name already in the local cache."""
   from transformers import CLIPConfig
   if "://" in name:
-    name = local_copy(name)
+    name = local_copy(name, only=("config.json",))
   return CLIPConfig.from_pretrained(name, local_files_only=not os.path.isdir(name))
 
 

@@ -125,8 +125,7 @@ def save_npz(p: PathLike, **arrays: np.ndarray) -> None:
 
 
 def load_npz(p: PathLike) -> dict[str, np.ndarray]:
-  data = epath.Path(p).read_bytes() if is_remote(p) else open(os.fspath(p), "rb").read()
-  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+  with np.load(io.BytesIO(epath.Path(p).read_bytes()), allow_pickle=False) as z:
     return {k: z[k] for k in z.files}
 
 

@@ -201,6 +201,15 @@ def load_splits(config, overrides=()):
     log.info("model.feature_dim: %d from the feature store %s (%s)", manifest["feature_dim"],
              d.feature_dir, manifest["clip_model"])
     m.feature_dim = int(manifest["feature_dim"])
+  stored = manifest.get("restval_in_train")
+  if "restval_in_train" not in manifest:
+    log.warning("%s does not record whether Karpathy restval is in its train split (extracted "
+                "before that was recorded); extract again to be sure data.restval_in_train=%s "
+                "holds", d.feature_dir, bool(d.restval_in_train))
+  elif stored is not None and bool(stored) != bool(d.restval_in_train):
+    raise config_lib.ConfigError(
+        "data.restval_in_train", f"is {bool(d.restval_in_train)}, but the train split of "
+        f"{d.feature_dir} was extracted with {bool(stored)}; extract into another data.feature_dir")
   if manifest["max_len"] != d.max_len:
     raise config_lib.ConfigError(
         "data.max_len", f"is {d.max_len}, but {d.feature_dir} holds captions of length "
@@ -299,16 +308,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate(config)
   storage.makedirs(workdir)
-  lock = storage.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  lock, refused = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = storage.WorkdirLock(workdir).acquire()
+    except WorkdirLocked as e:
+      refused = str(e)
+  if not _from_process_0(lock is not None):  # every process stops, not process 0 alone
+    raise WorkdirLocked(refused or f"{workdir}: process 0 could not take the workdir lock")
   try:
-    return _train_and_evaluate(config, workdir, devices, overrides, lock)
+    return _train_and_evaluate(config, workdir, devices, overrides, _Keeper(lock))
   finally:
     if lock is not None:
       lock.release()
 
 
+def _from_process_0(flag: bool) -> bool:
+  """Process 0's `flag`, on every process (a collective in multi-process runs)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+class _Keeper:
+  """Keeps process 0's workdir lock alive (`beat`, cheap enough for every step) and makes a lost
+  lock (another trainer took it over) stop every process together, at the next `check`."""
+
+  def __init__(self, lock: storage.WorkdirLock | None):
+    self.lock, self.lost = lock, None
+
+  def beat(self) -> None:
+    if self.lock is None or self.lost is not None:
+      return
+    try:
+      self.lock.heartbeat()
+    except WorkdirLocked as e:
+      self.lost = e
+      self.lock = None
+      if jax.process_count() == 1:
+        raise
+
+  def check(self) -> None:
+    """A collective: call it on every process at the same step (before each checkpoint)."""
+    if jax.process_count() > 1 and _from_process_0(self.lost is not None):
+      raise WorkdirLocked(str(self.lost) if self.lost else "process 0 lost the workdir lock; stopping")
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices,
-                        overrides, lock: storage.WorkdirLock | None) -> TrainState:
+                        overrides, keeper: "_Keeper") -> TrainState:
   train_split, val_split, vocab = load_splits(config, overrides=overrides)
   extras = {"vocab": None if vocab is None else {"words": vocab.words, "min_count": vocab.min_count}}
   if config.data.source != "synthetic" and config.data.standardize_features:
@@ -334,12 +382,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   for line in sharding_lib.replication_fallbacks(boxed_params, mesh, sharding_lib.rules(config)):
     log.warning("parameter %s (its mesh axis does not divide it)", line)
   if ckpts.latest_step() is not None:
-    start, state = ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings))
+    start, state = ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings),
+                                 move_aside=True)
     log.info("resumed from step %d in %s", start, ckpts.directory)
   else:
     state, _, _ = create_state(model, tx, config, mesh, init_key)
     start = 0
 
+  keeper.beat()  # start-up (downloading features, restoring) may take minutes
   p_train_step = jit_train_step(model, tx, config, mesh, shardings)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
   p_eval_step = jax.jit(sharding_lib.with_rules(functools.partial(eval_step, model=model,
@@ -396,9 +446,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
         # Read once: a signal arriving later is handled next step. With several processes a
         # SIGTERM on any of them makes all agree on one step to save at (a collective).
         stopping = ckpts.reached_preemption(done) if multi_process else stop.requested
-        if lock is not None:
-          lock.heartbeat()  # renews a gs:// lock at most once a minute
+        keeper.beat()  # renews a gs:// lock at most once a minute
         if done % t.checkpoint_every == 0 or done == total or stopping:
+          keeper.check()
           finish(*pending)
           pending = None
           ckpts.save(done, state, extras)

@@ -99,7 +99,16 @@ def test_crash_and_rerun_equals_clean_run(dataset, clip, clip_dir, tmp_path, mon
   features.extract(crashed, clip, progress=False)
   assert not set(done) & set(calls)  # finished shards were not redone
   _tree_equal(str(tmp_path / "clean"), str(tmp_path / "crashed"))
-  # The merge is idempotent: running again changes nothing.
+  # A re-run of a finished extraction (a relaunched pod job) does nothing: no shard, no merge.
+  stamps = {f: os.stat(os.path.join(tmp_path / "crashed", f)).st_mtime_ns for f in os.listdir(tmp_path / "crashed")
+            if f.endswith((".npy", ".json"))}
+  monkeypatch.setattr(features, "_merge", lambda *a, **k: pytest.fail("merged again"))
+  again = features.extract(crashed, clip, progress=False)
+  assert again == json.load(open(tmp_path / "crashed" / "manifest.json"))
+  assert stamps == {f: os.stat(os.path.join(tmp_path / "crashed", f)).st_mtime_ns for f in stamps}
+  # The merge itself is idempotent: redone, it writes the same bytes.
+  monkeypatch.undo()
+  os.remove(tmp_path / "crashed" / "manifest.json")
   features.extract(crashed, clip, progress=False)
   _tree_equal(str(tmp_path / "clean"), str(tmp_path / "crashed"))
 
@@ -131,6 +140,10 @@ def test_training_reads_the_store(dataset, clip, clip_dir, tmp_path):
     train.load_splits(_config(dataset, clip_dir, tmp_path / "f", **{"model.feature_dim": 16}))
   with pytest.raises(train.config_lib.ConfigError, match="^config.data.feature_dir:.*pdiff extract"):
     train.load_splits(_config(dataset, clip_dir, tmp_path / "missing"))
+  # The store records whether restval is in its train split; a config that says otherwise stops.
+  assert json.load(open(tmp_path / "f" / "manifest.json"))["restval_in_train"] is True
+  with pytest.raises(train.config_lib.ConfigError, match="^config.data.restval_in_train: is False.*with True"):
+    train.load_splits(_config(dataset, clip_dir, tmp_path / "f", **{"data.restval_in_train": False}))
   # The default feature size (the base config's 768) follows the store, as the vocabulary does;
   # named by a flag it must match.
   default = _config(dataset, clip_dir, tmp_path / "f", **{"model.feature_dim": 768})

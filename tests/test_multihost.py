@@ -102,7 +102,7 @@ def test_gpu_and_tpu_pod_launch_dry_runs():
   assert lines[0].startswith("+ gcloud compute tpus tpu-vm create pod --zone us-central2-b --accelerator-type v4-32")
   assert any("--worker=all" in l and "jax[tpu]==0.10.2" in l for l in lines)
   # extract (resumable), then train, on every worker, all paths on gs://
-  assert "--worker=all" in lines[-1] and "PDIFF_DISTRIBUTED=auto nohup sh -c" in lines[-1]
+  assert "--worker=all" in lines[-1] and "PDIFF_DISTRIBUTED=auto nohup bash -c" in lines[-1]
   assert ".venv/bin/pdiff extract --config=configs/paper_coco.py --config.data.feature_dir=gs://b/f" in lines[-1]
   assert "&& .venv/bin/pdiff train --config=configs/paper_coco.py --workdir=gs://b/runs/p --config.data.feature_dir=gs://b/f" in lines[-1]
   r = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "--dry_run", "pod"],

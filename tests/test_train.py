@@ -225,6 +225,16 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   step, restored = train.restore_state(config, str(tmp_path / "ck"), jax.devices()[:1])
   assert step == 1 and int(restored.step) == 1
   assert "unreadable" in caplog.text
+  assert sorted(os.listdir(tmp_path / "ck")) == ["1", "2"]  # a read-only restore moves nothing
+  # When no step is readable, nothing is moved aside either (say, a config that no longer fits).
+  corrupt_checkpoint(tmp_path / "ck" / "1")
+  abstract, shardings = train.state_shardings(train.make_model(config), train.make_optimizer(config), config,
+                                              sharding_lib.make_mesh(config, jax.devices()[:1]))
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "ck")
+  with pytest.raises(ckpt_lib.CheckpointError, match="no readable checkpoint.*nothing was moved"):
+    ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), move_aside=True)
+  ckpts.close()
+  assert sorted(os.listdir(tmp_path / "ck")) == ["1", "2"]
 
 
 def test_training_past_a_corrupt_checkpoint_moves_it_aside(tmp_path, monkeypatch, caplog):

@@ -74,9 +74,13 @@ def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
   plan_path = storage.join(out, "shards", "plan.json")
   if storage.exists(plan_path):
     if storage.read_json(plan_path) != plan:
-        raise FeatureStoreError(
-            f"{out}: holds shards of a different extraction (see {plan_path}); remove the "
-            "directory or set data.feature_dir elsewhere")
+      raise FeatureStoreError(
+          f"{out}: holds shards of a different extraction (see {plan_path}); remove the "
+          "directory or set data.feature_dir elsewhere")
+    done = _complete_manifest(out, plan, d)
+    if done is not None:  # a re-run of a finished extraction (a relaunched pod job): nothing to do
+      log.info("feature store %s is complete; nothing to extract", out)
+      return done if process_index == 0 else None
   elif process_index == 0:
     _write_json(plan_path, plan)
 
@@ -94,9 +98,20 @@ def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
                    int(config.clip.batch_size), bar)
   bar.close()
   barrier("pdiff_extract_shards_done")
-  manifest = _merge(config, records, clip) if process_index == 0 else None
+  manifest = _merge(config, records, clip, plan) if process_index == 0 else None
   barrier("pdiff_extract_merged")
   return manifest
+
+
+def _complete_manifest(out: str, plan: dict, d) -> dict | None:
+  """The manifest of a finished extraction of exactly `plan` with these merge settings, or None."""
+  try:
+    manifest = load_manifest(out)
+  except FeatureStoreError:
+    return None
+  same = (manifest.get("plan") == plan and manifest["max_len"] == int(d.max_len)
+          and manifest["min_count"] == int(d.min_count) and manifest["feature_dtype"] == d.feature_dtype)
+  return manifest if same else None
 
 
 def _extract_shard(out, split, index, images, count, clip, batch_size, bar) -> None:
@@ -124,7 +139,7 @@ def _extract_shard(out, split, index, images, count, clip, batch_size, bar) -> N
   storage.save_npz(_shard_path(out, split, index), features=feats, ok=ok, skipped=skipped)
 
 
-def _merge(config, records, clip) -> dict:
+def _merge(config, records, clip, plan: dict) -> dict:
   """Joins the shards into the per-split arrays; idempotent (same inputs, same bytes)."""
   d = config.data
   out = d.feature_dir
@@ -166,6 +181,10 @@ def _merge(config, records, clip) -> dict:
       "format_version": FORMAT_VERSION, "clip_model": clip.name, "feature_dim": int(clip.embed_dim),
       "feature_dtype": d.feature_dtype, "max_len": int(d.max_len), "min_count": int(d.min_count),
       "vocab_size": len(vocab), "vocab_hash": vocab.hash, "source": d.source, "splits": splits,
+      # Only sources with a Karpathy restval split record whether it went into train.
+      "restval_in_train": (bool(d.restval_in_train) if d.source.startswith(("karpathy:", "tfds:"))
+                           else None),
+      "plan": plan,
   }
   _write_json(storage.join(out, "manifest.json"), manifest)
   n_skipped = len(skipped_all)

@@ -50,6 +50,8 @@ def load_image(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX
       path = io.BytesIO(epath.Path(path).read_bytes())
     except (FileNotFoundError, IsADirectoryError):
       raise BadImage("missing file") from None
+    except Exception as e:  # noqa: BLE001 -- a denied or failed read (gcsfs has retried it)
+      raise BadImage(f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
   if isinstance(path, (str, os.PathLike)):
     try:
       size = os.path.getsize(path)
