@@ -25,6 +25,11 @@ class CheckpointError(RuntimeError):
   pass
 
 
+# Why a whole, uncorrupted checkpoint may still not restore.
+_SHAPES = ("a config whose shapes differ from the checkpoint's cannot restore it, nor can "
+           "checkpoints from before the vocabulary was padded to a multiple of 128 rows")
+
+
 def _all_processes(ok: bool) -> bool:
   """True when `ok` holds on every process (a collective in multi-process runs)."""
   if jax.process_count() == 1:
@@ -129,8 +134,7 @@ class Checkpoints:
       if step is None:
         log.warning("checkpoint at step %d in %s is unreadable (%s); trying an older one", s,
                     self.directory, error or "on another process")
-    raise CheckpointError(f"no readable checkpoint in {self.directory} (nothing was moved; a "
-                          "config whose shapes differ from the checkpoints' cannot restore them): "
+    raise CheckpointError(f"no readable checkpoint in {self.directory} (nothing was moved; {_SHAPES}): "
                           + "; ".join(errors))
 
   def _move_aside(self, step: int) -> None:
@@ -182,7 +186,8 @@ def restore_subtree(directory: str, abstract: dict, step: int | None = None,
       restored = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many types for unreadable data
       raise CheckpointError(f"{directory}/{step}: unreadable checkpoint "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                            f"{_SHAPES})") from None
     return step, restored["state"], {n: restored[n] for n in present}
   finally:
     manager.close()
