@@ -232,9 +232,7 @@ def _flags_demo(fv: flags.FlagValues) -> None:
 
 
 def _cmd_demo(fv: flags.FlagValues) -> int:
-  from pdiff_jax import config as config_lib, demo, storage
-  if storage.is_remote(fv.workdir):  # it generates and trains on files of this machine
-    raise UsageError(f"--workdir={fv.workdir}: the demo runs on local disk; give a local directory")
+  from pdiff_jax import config as config_lib, demo
   config_lib.validate(fv.config)
   demo.run_demo(fv.config, fv.workdir, fast=fv.fast)
   return 0
@@ -259,7 +257,8 @@ def _cmd_bench(fv: flags.FlagValues) -> int:
   bad = set(fv.parts) - {"train", "sample", "clip"}
   if bad:
     raise UsageError(f"--parts: unknown {', '.join(sorted(bad))}; expected train, sample, clip")
-  if fv.profile_dir and "://" in fv.profile_dir:
+  from pdiff_jax import storage
+  if fv.profile_dir and storage.is_remote(fv.profile_dir):
     raise UsageError(f"--profile_dir={fv.profile_dir}: traces are summarised from local files; "
                      "give a local directory")
   bench.run_bench(fv.config, fv.out, tuple(fv.parts), profile_dir=fv.profile_dir)

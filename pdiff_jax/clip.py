@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from pdiff_jax import storage
+
 
 class ClipLoadError(RuntimeError):
   pass
@@ -75,8 +77,7 @@ def local_copy(uri: str, only: Sequence[str] | None = None) -> str:
   first, so never half there."""
   import hashlib
   import shutil
-  from etils import epath
-  source = epath.Path(uri)
+  source = storage.path(uri)
   if not source.exists():
     raise ClipLoadError(f"CLIP {uri!r}: no such directory")
   files = []
@@ -119,7 +120,8 @@ IMAGE_CHUNK = 64
 TEXT_CHUNK = 256
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= max(n, 1)."""
   return -(-max(n, 1) // multiple) * multiple
 
 
@@ -158,8 +160,8 @@ class Clip:
     self.mesh = Mesh(np.asarray(devices), ("data",))
     self._batch = NamedSharding(self.mesh, P("data"))
     self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
-    self.image_chunk = _round_up(int(image_chunk), len(devices))
-    self.text_chunk = _round_up(int(text_chunk), len(devices))
+    self.image_chunk = round_up(int(image_chunk), len(devices))
+    self.text_chunk = round_up(int(text_chunk), len(devices))
     self._images = image_encoder(model, self.mesh)
     self._texts = text_encoder(model, self.mesh)
 
@@ -170,7 +172,7 @@ class Clip:
     to a local cache: transformers reads local files only). `self.name` stays as given."""
     from transformers import AutoTokenizer, CLIPImageProcessor, FlaxCLIPModel
     given = name
-    if "://" in name:
+    if storage.is_remote(name):
       name = local_copy(name)
     local = os.path.isdir(name)
     if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -295,7 +297,7 @@ def abstract_clip(arch: dict):
 def load_clip_config(name: str):
   """CLIPConfig of a local `save_pretrained` directory or a hub name already in the local cache."""
   from transformers import CLIPConfig
-  if "://" in name:
+  if storage.is_remote(name):
     name = local_copy(name, only=("config.json",))
   return CLIPConfig.from_pretrained(name, local_files_only=not os.path.isdir(name))
 

@@ -7,6 +7,7 @@ Every stage keeps its output in DIR and is skipped (or resumed) when the demo ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 
 from pdiff_jax import clip as clip_lib
-from pdiff_jax import clip_pretrain, evaluate, train
+from pdiff_jax import clip_pretrain, evaluate, storage, train
 from pdiff_jax.data import features, shapes
 from pdiff_jax.inference import rank_candidates
 from pdiff_jax.metrics import coco, diversity
@@ -58,6 +59,22 @@ def _scores(chosen, cand_sets, refs, attrs) -> dict:
 
 
 def run_demo(base_config, workdir: str, fast: bool = False, progress: bool = True) -> dict:
+  """The whole demo in `workdir`. A gs:// workdir: the demo generates images and trains its CLIP
+  with local file APIs, so it runs in a local cache directory for that URI (re-runs resume
+  there) and its results are then copied to the URI. The copied model's config.json names that
+  cache (its feature store and CLIP), so `pdiff caption --workdir=URI/model` works on this
+  machine."""
+  if storage.is_remote(workdir):
+    local = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "pdiff_jax", "demo", hashlib.sha256(workdir.encode()).hexdigest()[:16])
+    summary = _run_local(base_config, local, fast, progress)
+    storage.copy_tree(local, workdir)
+    log.info("demo results copied from %s to %s", local, workdir)
+    return summary
+  return _run_local(base_config, workdir, fast, progress)
+
+
+def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   t0 = time.perf_counter()
   plan = FAST if fast else FULL
   os.makedirs(workdir, exist_ok=True)

@@ -117,8 +117,7 @@ class Captioner:
     self.params = jax.device_put(bundle.params, NamedSharding(self.mesh, P()))
     self._samplers: dict[tuple, Any] = {}
     # Images per sampler call: sampler.batch_size, rounded up to fill the local devices.
-    devices = self.mesh.devices.size
-    self.sample_batch = -(-int(bundle.config.sampler.batch_size) // devices) * devices
+    self.sample_batch = clip_lib.round_up(int(bundle.config.sampler.batch_size), self.mesh.devices.size)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, clip: str | None = None,

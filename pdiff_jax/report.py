@@ -10,6 +10,8 @@ import io
 import os
 from typing import Sequence
 
+from pdiff_jax import storage
+
 THUMB = 112
 METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE",
                 "CLIP-S", "RefCLIP-S", "Dist-1", "Dist-2", "Dist-3", "Vocab", "Div-1", "Div-2",
@@ -113,5 +115,4 @@ def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: i
 
 def write_report(path: str, title: str, metrics: dict, entries: Sequence[dict],
                  max_thumbnails: int | None = None) -> None:
-  from pdiff_jax import storage
   storage.write_text(path, render(title, metrics, entries, max_thumbnails))

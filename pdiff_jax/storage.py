@@ -28,7 +28,6 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-Path = epath.Path
 PathLike = epath.PathLike
 
 
@@ -75,6 +74,17 @@ def exists(p: PathLike) -> bool:
   return epath.Path(p).exists()
 
 
+def copy_tree(local: str, dest: PathLike) -> None:
+  """Copies the local directory `local` under `dest` (local or gs://), file by file."""
+  for root, _, files in os.walk(local):
+    folder = join(dest, os.path.relpath(root, local))
+    makedirs(folder)
+    for f in files:
+      with open(os.path.join(root, f), "rb") as src:
+        data = src.read()
+      write_atomic(join(folder, f), lambda out: out.write(data))
+
+
 def write_atomic(p: PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
   """Writes a whole file that readers see complete or not at all (see the module docstring)."""
   if is_remote(p):
@@ -113,10 +123,10 @@ def save_npy(p: PathLike, array: np.ndarray) -> None:
   write_atomic(p, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def load_npy(p: PathLike, mmap: bool = True) -> np.ndarray:
-  """Memory-mapped where local (with `mmap`), read whole where remote."""
+def load_npy(p: PathLike) -> np.ndarray:
+  """Memory-mapped where local, read whole where remote."""
   if not is_remote(p):
-    return np.load(os.fspath(p), mmap_mode="r" if mmap else None, allow_pickle=False)
+    return np.load(os.fspath(p), mmap_mode="r", allow_pickle=False)
   return np.load(io.BytesIO(epath.Path(p).read_bytes()), allow_pickle=False)
 
 

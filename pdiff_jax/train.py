@@ -201,12 +201,14 @@ def load_splits(config, overrides=()):
     log.info("model.feature_dim: %d from the feature store %s (%s)", manifest["feature_dim"],
              d.feature_dir, manifest["clip_model"])
     m.feature_dim = int(manifest["feature_dim"])
-  stored = manifest.get("restval_in_train")
-  if "restval_in_train" not in manifest:
+  # Only Karpathy-split sources have a restval split whose place the flag decides.
+  has_restval = manifest["source"].startswith(("karpathy:", "tfds:"))
+  stored = manifest.get("plan", {}).get("restval_in_train")
+  if has_restval and stored is None:
     log.warning("%s does not record whether Karpathy restval is in its train split (extracted "
                 "before that was recorded); extract again to be sure data.restval_in_train=%s "
                 "holds", d.feature_dir, bool(d.restval_in_train))
-  elif stored is not None and bool(stored) != bool(d.restval_in_train):
+  elif has_restval and bool(stored) != bool(d.restval_in_train):
     raise config_lib.ConfigError(
         "data.restval_in_train", f"is {bool(d.restval_in_train)}, but the train split of "
         f"{d.feature_dir} was extracted with {bool(stored)}; extract into another data.feature_dir")

@@ -12,7 +12,6 @@ no credential discovery, no cloud metadata server.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -122,11 +121,3 @@ class FakeGCS:
         self.proc.wait()
       self.proc = None
 
-
-def upload_tree(local: str, uri: str) -> None:
-  """Copies a local directory tree to gs:// (epath; run with `client_env` set)."""
-  from etils import epath
-  for root, _, files in os.walk(local):
-    for f in files:
-      rel = os.path.relpath(os.path.join(root, f), local)
-      (epath.Path(uri) / rel).write_bytes(open(os.path.join(root, f), "rb").read())

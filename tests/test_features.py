@@ -141,7 +141,7 @@ def test_training_reads_the_store(dataset, clip, clip_dir, tmp_path):
   with pytest.raises(train.config_lib.ConfigError, match="^config.data.feature_dir:.*pdiff extract"):
     train.load_splits(_config(dataset, clip_dir, tmp_path / "missing"))
   # The store records whether restval is in its train split; a config that says otherwise stops.
-  assert json.load(open(tmp_path / "f" / "manifest.json"))["restval_in_train"] is True
+  assert json.load(open(tmp_path / "f" / "manifest.json"))["plan"]["restval_in_train"] is True
   with pytest.raises(train.config_lib.ConfigError, match="^config.data.restval_in_train: is False.*with True"):
     train.load_splits(_config(dataset, clip_dir, tmp_path / "f", **{"data.restval_in_train": False}))
   # The default feature size (the base config's 768) follows the store, as the vocabulary does;

@@ -22,7 +22,7 @@ import time
 import pytest
 
 from conftest import CONFIGS, write_karpathy
-from gcs_server import FakeGCS, upload_tree, use_in_this_process
+from gcs_server import FakeGCS, use_in_this_process
 
 BUCKET = "pdiff-test"
 
@@ -45,8 +45,8 @@ def test_pod_workflow_on_gs(gcs, tmp_path, clip_dir):
   from pdiff_jax import checkpoint as ckpt_lib, storage
   data = str(tmp_path / "data")
   write_karpathy(data, splits=(("train", 10), ("val", 2), ("test", 3)))
-  upload_tree(data, f"gs://{BUCKET}/data")
-  upload_tree(clip_dir, f"gs://{BUCKET}/clip")
+  storage.copy_tree(data, f"gs://{BUCKET}/data")
+  storage.copy_tree(clip_dir, f"gs://{BUCKET}/clip")
   cwd, home, tmp = tmp_path / "cwd", tmp_path / "home", tmp_path / "tmp"
   for d in (cwd, home, tmp):
     d.mkdir()

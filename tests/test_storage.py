@@ -131,3 +131,35 @@ def test_local_lock_is_released_by_the_os(tmp_path):
     holder.kill()
     holder.wait()
   storage.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def test_copy_tree(root, tmp_path):
+  src = tmp_path / "src"
+  (src / "a" / "b").mkdir(parents=True)
+  (src / "top.txt").write_text("top")
+  (src / "a" / "b" / "deep.bin").write_bytes(b"\x00\x01")
+  dest = storage.join(root, "copied")
+  storage.copy_tree(str(src), dest)
+  assert storage.read_text(storage.join(dest, "top.txt")) == "top"
+  assert storage.path(storage.join(dest, "a", "b", "deep.bin")).read_bytes() == b"\x00\x01"
+
+
+def test_demo_on_gs_runs_in_a_local_cache_and_copies_its_results(gcs, tmp_path, monkeypatch):
+  """A gs:// demo workdir: the demo (stubbed here: the real one takes 10 minutes) runs in a local
+  cache folder for that URI and what it wrote lands under the URI."""
+  from pdiff_jax import demo
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  ran = []
+
+  def fake_run(base, workdir, fast, progress):
+    ran.append(workdir)
+    os.makedirs(os.path.join(workdir, "model"), exist_ok=True)
+    open(os.path.join(workdir, "demo_summary.json"), "w").write('{"seconds": 1}')
+    open(os.path.join(workdir, "model", "config.json"), "w").write("{}")
+    return {"seconds": 1}
+
+  monkeypatch.setattr(demo, "_run_local", fake_run)
+  assert demo.run_demo(None, "gs://unit/demo", fast=True) == {"seconds": 1}
+  assert ran[0].startswith(str(tmp_path / "cache" / "pdiff_jax" / "demo"))
+  assert storage.read_json("gs://unit/demo/demo_summary.json") == {"seconds": 1}
+  assert storage.exists("gs://unit/demo/model/config.json")

@@ -181,10 +181,7 @@ def _merge(config, records, clip, plan: dict) -> dict:
       "format_version": FORMAT_VERSION, "clip_model": clip.name, "feature_dim": int(clip.embed_dim),
       "feature_dtype": d.feature_dtype, "max_len": int(d.max_len), "min_count": int(d.min_count),
       "vocab_size": len(vocab), "vocab_hash": vocab.hash, "source": d.source, "splits": splits,
-      # Only sources with a Karpathy restval split record whether it went into train.
-      "restval_in_train": (bool(d.restval_in_train) if d.source.startswith(("karpathy:", "tfds:"))
-                           else None),
-      "plan": plan,
+      "plan": plan,  # what was extracted: the CLIP, source, image root, restval in train, counts
   }
   _write_json(storage.join(out, "manifest.json"), manifest)
   n_skipped = len(skipped_all)

@@ -15,6 +15,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
+from pdiff_jax import storage
+
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold (~ 9459 x 9459)
 
 
@@ -44,10 +46,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
   """Opens, checks and decodes an image file (local path, gs:// URI or binary file object) to
   RGB, or raises BadImage with the reason."""
-  if isinstance(path, (str, os.PathLike)) and "://" in os.fspath(path):  # gs://...: read it whole
-    from etils import epath
+  if isinstance(path, (str, os.PathLike)) and storage.is_remote(path):  # gs://...: read it whole
     try:
-      path = io.BytesIO(epath.Path(path).read_bytes())
+      path = io.BytesIO(storage.path(path).read_bytes())
     except (FileNotFoundError, IsADirectoryError):
       raise BadImage("missing file") from None
     except Exception as e:  # noqa: BLE001 -- a denied or failed read (gcsfs has retried it)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -87,11 +86,11 @@ def karpathy(path: str, image_root: str, restval_in_train: bool = True,
       raw = [s["raw"] for s in sentences]
       toks = [s["tokens"] for s in sentences] if all("tokens" in s for s in sentences) else None
       image_id = entry["cocoid"] if "cocoid" in entry else entry["imgid"]
-      rel = os.path.join(entry.get("filepath", ""), entry["filename"])
+      rel = (entry.get("filepath", ""), entry["filename"])
     except (KeyError, TypeError) as e:
       raise SourceError(f"{path}: images[{i}] lacks {e}") from None
     splits.setdefault(split, []).append(
-        ImageRecord(image_id, os.path.join(image_root, rel), tuple(raw), _tokens(raw, toks)))
+        ImageRecord(image_id, storage.join(image_root, *rel), tuple(raw), _tokens(raw, toks)))
   return FileSource(splits, max_pixels)
 
 
@@ -111,7 +110,7 @@ def folder(root: str, max_pixels: int = images_lib.DEFAULT_MAX_PIXELS) -> FileSo
       rel = entry["image"]
     except (ValueError, KeyError, TypeError) as e:
       raise SourceError(f"{path}:{n}: expected {{\"image\": ..., \"captions\": [...]}} ({e})") from None
-    record = ImageRecord(entry.get("id", rel), os.path.join(root, rel), tuple(raw), _tokens(raw))
+    record = ImageRecord(entry.get("id", rel), storage.join(root, rel), tuple(raw), _tokens(raw))
     splits.setdefault(entry.get("split", "train"), []).append(record)
   return FileSource(splits, max_pixels)
 
