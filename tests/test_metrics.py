@@ -151,3 +151,81 @@ def test_scores_with_the_package_mounted_read_only():
   import json
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["CIDEr"] == pytest.approx(coco.coco_scores(REFS, CANDS)["CIDEr"])
+
+
+# The exact-correctness checker of the shapes data, on hand-written captions.
+ONE_OBJECT = {"objects": [{"color": "red", "shape": "circle", "size": "big", "x": 14.0, "y": 30.0}],
+              "side": "left"}
+TWO_OBJECTS = {"objects": [{"color": "blue", "shape": "square", "size": "small", "x": 16.0, "y": 20.0},
+                           {"color": "green", "shape": "triangle", "size": "big", "x": 46.0, "y": 22.0}],
+               "relation": "left of"}
+
+
+@pytest.mark.parametrize("caption, attrs, grammatical, right", [
+    # true
+    ("a big red circle on the left", ONE_OBJECT, True, True),
+    ("a red circle", ONE_OBJECT, True, True),
+    ("the circle is red and big", ONE_OBJECT, True, True),
+    ("a single red circle sits on the left", ONE_OBJECT, True, True),
+    ("a blue square left of a green triangle", TWO_OBJECTS, True, True),
+    ("the green triangle is right of the blue square", TWO_OBJECTS, True, True),  # {inv}: same fact
+    ("a green triangle right of a blue square", TWO_OBJECTS, True, True),
+    ("a green triangle and a blue square", TWO_OBJECTS, True, True),  # either order
+    ("two objects a small blue square and a big green triangle", TWO_OBJECTS, True, True),
+    # false, but sentences of the grammar
+    ("a small red circle on the left", ONE_OBJECT, True, False),      # size
+    ("a big red circle on the right", ONE_OBJECT, True, False),       # side
+    ("a red square", ONE_OBJECT, True, False),                         # shape
+    ("a purple circle", ONE_OBJECT, True, False),                      # colour
+    ("a blue square", TWO_OBJECTS, True, False),                       # one of two objects
+    ("a blue square right of a green triangle", TWO_OBJECTS, True, False),  # relation
+    ("the blue square is right of the green triangle", TWO_OBJECTS, True, False),
+    ("a blue triangle and a green square", TWO_OBJECTS, True, False),  # shapes swapped
+    ("a blue square and a blue square", TWO_OBJECTS, True, False),     # one object named twice
+    ("two objects a big blue square and a big green triangle", TWO_OBJECTS, True, False),
+    ("a red circle left of a green triangle", ONE_OBJECT, True, False),  # two named, one there
+    # not sentences of the grammar
+    ("a orange diamond red above the green green circle", TWO_OBJECTS, False, False),
+    ("a red red circle on the left", ONE_OBJECT, False, False),
+    ("a single red circle sits on the background", ONE_OBJECT, False, False),
+    ("a big red", ONE_OBJECT, False, False),
+    ("", ONE_OBJECT, False, False),
+])
+def test_exact_checker_by_hand(caption, attrs, grammatical, right):
+  from pdiff_jax.metrics import exact
+  got = exact.check(caption, attrs)
+  assert (got["grammatical"], got["exactly_right"]) == (grammatical, right), got
+
+
+def test_exact_scores_by_hand():
+  from pdiff_jax.metrics import exact
+  chosen = ["a big red circle on the left", "a blue square right of a green triangle", "a red red circle"]
+  cands = [[chosen[0], "a small red circle on the left"], [chosen[1], "a blue square and a green triangle"],
+           [chosen[2], "a red circle sits"]]
+  attrs = [ONE_OBJECT, TWO_OBJECTS, ONE_OBJECT]
+  got = exact.shapes_scores(chosen, cands, attrs)
+  assert got["grammatical"] == pytest.approx(2 / 3) and got["exactly_right"] == pytest.approx(1 / 3)
+  assert got["cand_grammatical"] == pytest.approx(4 / 6) and got["cand_exactly_right"] == pytest.approx(2 / 6)
+  assert got["any_exactly_right"] == pytest.approx(2 / 3)
+  # colour and shape as before: all three name only true colours and shapes
+  assert got["color_acc"] == 1.0 and got["shape_acc"] == 1.0
+  # sizes stated: only the first ("big", true); places: the first (true) and the second (false)
+  assert got["size_acc"] == 1.0 and got["relation_acc"] == 0.5
+  assert got["count_acc"] == 1.0
+  assert exact.shapes_scores(["a red circle"], None, [ONE_OBJECT])["size_acc"] is None
+
+
+def test_every_generated_caption_is_exactly_right_and_every_negative_false():
+  """The checker against the generator itself: all its captions parse and are true; its hard
+  negatives parse and are false."""
+  from pdiff_jax.data import shapes
+  from pdiff_jax.metrics import exact
+  rng = np.random.default_rng(3)
+  for _ in range(400):
+    _, attrs = shapes.make_example(rng)
+    for true, false in shapes.caption_pairs(attrs, 4, rng):
+      assert exact.check(true, attrs) == {**exact.check(true, attrs), "grammatical": True, "exactly_right": True}
+      got = exact.check(false, attrs)
+      assert got["grammatical"] and not got["exactly_right"], (false, attrs)
+    for c in shapes.captions_for(attrs, 13, rng):
+      assert exact.check(c, attrs)["exactly_right"], (c, attrs)
