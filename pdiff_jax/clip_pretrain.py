@@ -36,11 +36,13 @@ log = logging.getLogger(__name__)
 
 
 def _info_nce(params, pixels, ids, mask, model):
+  """Symmetric InfoNCE of B images against their B captions; with 2B texts (captions, then one
+  hard negative per image) the negatives are extra wrong answers for each image (NegCLIP)."""
   out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, params=params, train=False)
-  logits = out.logits_per_image  # (B, B), already scaled by exp(logit_scale)
+  logits = out.logits_per_image  # (B, B or 2B), already scaled by exp(logit_scale)
   labels = jnp.arange(logits.shape[0])
   return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+                + optax.softmax_cross_entropy_with_integer_labels(logits[:, :len(labels)].T, labels).mean())
 
 
 def random_grayscale(pixels: np.ndarray, prob: float, transform: clip_lib.ImageTransform,
@@ -60,11 +62,13 @@ def random_grayscale(pixels: np.ndarray, prob: float, transform: clip_lib.ImageT
 
 
 def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[str]], words: list[str],
-                     *, steps: int, batch_size: int = 64, lr: float = 1e-3, seconds: float | None = None,
-                     seed: int = 0, image_size: int = 32, patch_size: int = 4, width: int = 64,
+                     *, steps: int, batch_size: int = 64, lr: float = 1e-3,
+                     negatives: list[list[str]] | None = None, seed: int = 0, image_size: int = 32, patch_size: int = 4, width: int = 64,
                      layers: int = 2, heads: int = 4, projection_dim: int = 64, max_text_len: int = 16,
                      grayscale_prob: float = 0.5, warmup_steps: int = 50, progress: bool = True) -> str:
-  """Trains on (image, one of its captions) pairs and saves to `out_dir` (kept if it exists)."""
+  """Trains on (image, one of its captions) pairs for exactly `steps` steps (the same work on any
+  machine) and saves to `out_dir` (kept if it exists). `negatives[i][j]`, if given, is a hard
+  negative caption for `captions[i][j]`."""
   from tqdm import tqdm
   if os.path.exists(os.path.join(out_dir, "config.json")):
     log.info("reusing the small CLIP in %s", out_dir)
@@ -80,6 +84,10 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   ids, mask = clip.tokenize([c for caps in captions for c in caps])
   ids = ids.reshape(len(captions), per_image, -1)
   mask = mask.reshape(len(captions), per_image, -1)
+  if negatives is not None:
+    neg_ids, neg_mask = clip.tokenize([c for caps in negatives for c in caps])
+    ids = np.concatenate([ids, neg_ids.reshape(ids.shape)], axis=-1)  # (N, per_image, 2 * T)
+    mask = np.concatenate([mask, neg_mask.reshape(mask.shape)], axis=-1)
 
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, steps // 10 + 1), steps)
   tx = optax.adamw(schedule, weight_decay=0.1)
@@ -88,6 +96,9 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
 
   @jax.jit
   def step(params, opt_state, pix, ids, mask):
+    if negatives is not None:  # (B, 2T) -> the B captions, then the B negatives
+      ids = jnp.concatenate(jnp.split(ids, 2, axis=-1))
+      mask = jnp.concatenate(jnp.split(mask, 2, axis=-1))
     loss, grads = jax.value_and_grad(functools.partial(_info_nce, model=clip.model))(params, pix, ids, mask)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -105,8 +116,6 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
     bar.update(1)
     if done % 25 == 0:
       bar.set_postfix(loss=f"{float(loss):.3f}")
-    if seconds is not None and time.perf_counter() - start > seconds:
-      break
   bar.close()
   log.info("small CLIP: %d steps in %.0f s, final InfoNCE loss %.3f", done,
            time.perf_counter() - start, float(loss))

@@ -11,24 +11,26 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
 
 from pdiff_jax import clip as clip_lib
-from pdiff_jax import clip_pretrain, evaluate, storage, train
+from pdiff_jax import clip_pretrain, evaluate, report, storage, train
 from pdiff_jax.data import features, shapes
 from pdiff_jax.inference import rank_candidates
-from pdiff_jax.metrics import coco, diversity
+from pdiff_jax.metrics import coco, diversity, exact
 
 log = logging.getLogger(__name__)
 
-FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 4000, "clip_seconds": 400,
-        "train_steps": None}
-FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 200, "clip_seconds": 25,
-        "train_steps": 200}
+# A fixed amount of work per stage (steps, never seconds), so that the figures are the same on
+# any machine and a change can be measured against them.
+FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 4000, "train_steps": None}
+FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 200, "train_steps": 200}
+# Keys of demo_summary.json that depend on the machine and its load; everything else is a
+# function of the code and the seed (tests/test_demo.py runs the fast demo twice to check it).
+TIMING_KEYS = ("seconds", "stage_seconds", "machine")
 
 
 def demo_config(base, workdir: str, fast: bool):
@@ -48,14 +50,26 @@ def demo_config(base, workdir: str, fast: bool):
   return config
 
 
-def _stage(name: str) -> None:
-  log.info("=== %s ===", name)
+class _Stages:
+  """Logs each stage's start and keeps its wall time."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._name, self._t = None, 0.0
+
+  def __call__(self, name: str | None) -> None:
+    now = time.perf_counter()
+    if self._name is not None:
+      self.seconds[self._name] = round(now - self._t, 1)
+    self._name, self._t = name, now
+    if name is not None:
+      log.info("=== %s ===", name)
 
 
 def _scores(chosen, cand_sets, refs, attrs) -> dict:
-  q = coco.coco_scores(dict(enumerate(refs)), dict(enumerate(chosen)), spice=False)
+  q = coco.coco_scores(dict(enumerate(refs)), dict(enumerate(chosen)), spice=False, meteor=False)
   return {"CIDEr": q["CIDEr"], "BLEU-4": q["BLEU-4"], "Div-2": diversity.div_n(cand_sets, 2),
-          **shapes.attribute_accuracy(chosen, attrs)}
+          **exact.shapes_scores(chosen, cand_sets, attrs)}
 
 
 def run_demo(base_config, workdir: str, fast: bool = False, progress: bool = True) -> dict:
@@ -79,41 +93,39 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   plan = FAST if fast else FULL
   os.makedirs(workdir, exist_ok=True)
   config = demo_config(base_config, workdir, fast)
+  stage = _Stages()
 
-  _stage("1/6 synthetic captioned shapes")
+  stage("1/6 synthetic captioned shapes")
   data = os.path.join(workdir, "data")
   dataset = shapes.generate(data, plan["sizes"], seed=config.seed, progress=progress)
   with open(dataset) as f:
     entries = json.load(f)["images"]
-  with open(os.path.join(data, "attributes.json")) as f:
-    attributes = {int(k): v for k, v in json.load(f).items()}
+  attributes = shapes.attributes_of_source(f"karpathy:{dataset}")
 
-  _stage("2/6 small CLIP, trained contrastively")
+  stage("2/6 small CLIP, trained contrastively")
   train_entries = [e for e in entries if e["split"] == "train"]
   clip_pretrain.train_small_clip(
       config.clip.model, [os.path.join(config.data.image_root, e["filepath"], e["filename"]) for e in train_entries],
       [[s["raw"] for s in e["sentences"]] for e in train_entries], shapes.vocabulary(),
-      steps=plan["clip_steps"], seconds=plan["clip_seconds"], seed=config.seed,
-      projection_dim=config.model.feature_dim, progress=progress)
+      steps=plan["clip_steps"], seed=config.seed, projection_dim=config.model.feature_dim,
+      progress=progress)
 
-  _stage("3/6 CLIP features (pdiff extract)")
+  stage("3/6 CLIP features (pdiff extract)")
   manifest_path = os.path.join(config.data.feature_dir, "manifest.json")
   if not os.path.exists(manifest_path):
     clip = clip_lib.Clip.load(config.clip.model, image_chunk=config.clip.batch_size)
     features.extract(config, clip, progress=progress)
 
-  _stage("4/6 training (pdiff train)")
+  stage("4/6 training (pdiff train)")
   model_dir = os.path.join(workdir, "model")
   train.train_and_evaluate(config, model_dir)
 
-  _stage("5/6 evaluation on test, n=10 (pdiff eval)")
+  stage("5/6 evaluation on test, n=10 (pdiff eval)")
   from pdiff_jax.inference import Captioner
   captioner = Captioner.from_workdir(model_dir)
   metrics = evaluate.evaluate(model_dir, "test", seed=config.seed, progress=progress, captioner=captioner)
-  shutil.copyfile(os.path.join(model_dir, "eval", "test", "report.html"),
-                  os.path.join(workdir, "report.html"))
 
-  _stage("6/6 variants: shuffled image features, random candidate")
+  stage("6/6 variants: shuffled image features, random candidate")
   # (a) and (c) come from eval's own candidates (in image order, as in the feature store); only
   # (b) needs sampling again.
   with open(os.path.join(model_dir, "eval", "test", "captions.json")) as f:
@@ -136,10 +148,15 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   }
   rng = np.random.default_rng(config.seed + 1)
   ref_div2 = diversity.div_n([shapes.captions_for(a, n, rng) for a in attrs], 2)
-  summary = {"seconds": time.perf_counter() - t0, "variants": variants, "ref_Div-2": ref_div2,
+  report.write_report(os.path.join(workdir, "report.html"), "pdiff demo: Prefix-diffusion on captioned shapes",
+                      metrics, entries, preface=_report_preface(variants, n, steps))
+  stage(None)
+  summary = {"variants": variants, "ref_Div-2": ref_div2,
              "num_test_images": len(entries), "num_candidates": n, "sample_steps": steps,
              "fast": fast, "eval_metrics": {k: metrics.get(k) for k in evaluate.TABLE_KEYS},
-             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+             "seconds": time.perf_counter() - t0, "stage_seconds": stage.seconds,
+             "machine": {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+                         "cpus": os.cpu_count()}}
   with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(summary_table(summary))
@@ -148,8 +165,22 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   return summary
 
 
+VARIANT_LABELS = {"model": "the model (CLIP-reranked of n)",
+                  "shuffled_features": "control: image features shuffled across images",
+                  "random_candidate": "control: a random candidate instead of the reranked one"}
+
+
+def _report_preface(variants: dict, n: int, steps: int) -> str:
+  return ("<h2>Summary</h2>"
+          f"<p>Test split, {n} candidates x {steps} steps. Fractions in %. <b>grammatical</b>: the "
+          "caption is a sentence of one of the data set's phrasings; <b>exactly right</b>: and "
+          "everything it says is true of the image; <b>any_exactly_right</b>: an exactly right "
+          "caption is among the candidates; cand_*: over all candidates.</p>"
+          + report.summary_table(variants, VARIANT_LABELS))
+
+
 def summary_table(summary: dict) -> str:
-  keys = ("CIDEr", "BLEU-4", "Div-2", "color_acc", "shape_acc")
+  keys = ("CIDEr", "BLEU-4", "Div-2", "grammatical", "exactly_right", "color_acc", "shape_acc")
   lines = ["| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
   for name, m in summary["variants"].items():
     lines.append(f"| {name} | " + " | ".join(

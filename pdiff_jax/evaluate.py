@@ -13,8 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from pdiff_jax import storage
+from pdiff_jax.data import shapes
 from pdiff_jax.inference import rank_candidates
-from pdiff_jax.metrics import clipscore, coco, diversity
+from pdiff_jax.metrics import clipscore, coco, diversity, exact
 
 SWEEP_CANDIDATES = (1, 2, 5, 10, 20)
 SWEEP_STEPS = (5, 10, 20, 50, 100, 200)
@@ -46,6 +47,16 @@ def score_captions(entries: Sequence[dict], vocab_size: int, clip=None,
     metrics["clip_model"] = clip.name
   metrics["num_images"] = len(entries)
   return metrics
+
+
+def mark_exact(entries: Sequence[dict], attributes: Sequence[dict]) -> dict:
+  """Shapes data: `metrics.exact.shapes_scores` of the entries, and each candidate marked with
+  its "grammatical" and "exactly_right" (for captions.json and the report)."""
+  for e, a in zip(entries, attributes):
+    for c in e["candidates"]:
+      c.update({k: v for k, v in exact.check(c["caption"], a).items() if k in ("grammatical", "exactly_right")})
+  return exact.shapes_scores([e["caption"] for e in entries],
+                             [[c["caption"] for c in e["candidates"]] for e in entries], attributes)
 
 
 def _cider_div2(entries: Sequence[dict]) -> dict:
@@ -162,6 +173,9 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
              for m, r in zip(meta, ranked)]
   vocab_size = len(captioner.bundle.vocab)
   metrics = score_captions(entries, vocab_size, eval_clip, embeddings(eval_clip)) if lead else {}
+  truth = shapes.attributes_of_source(store.manifest["source"])
+  if truth is not None and lead:  # the synthetic shapes: every image's objects are known
+    metrics.update(mark_exact(entries, [truth[e["image_id"]] for e in entries]))
   metrics.update({
       "trainable_params": model_lib.count_params(captioner.bundle.params, captioner.bundle.model.cfg),
       "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, "eta": eta, "seed": seed,

@@ -13,9 +13,13 @@ from typing import Sequence
 from pdiff_jax import storage
 
 THUMB = 112
+# Shapes data only (metrics.exact): how often captions are sentences of the data set's grammar,
+# and exactly true of their image.
+EXACT_KEYS = ("grammatical", "exactly_right", "any_exactly_right", "cand_grammatical",
+              "cand_exactly_right", "color_acc", "shape_acc", "size_acc", "relation_acc", "count_acc")
 METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE",
                 "CLIP-S", "RefCLIP-S", "Dist-1", "Dist-2", "Dist-3", "Vocab", "Div-1", "Div-2",
-                "mBLEU-4", "num_images", "num_candidates", "sample_steps", "trainable_params",
+                "mBLEU-4", *EXACT_KEYS, "num_images", "num_candidates", "sample_steps", "trainable_params",
                 "clip_model")
 
 CSS = """
@@ -26,6 +30,10 @@ table.metrics td,table.metrics th{padding:3px 10px;border-bottom:1px solid #ddd;
 .noimg{width:%dpx;height:%dpx;background:#eee;display:flex;align-items:center;justify-content:center;color:#888;font-size:12px}
 ol{margin:4px 0;padding-left:22px} .chosen{font-weight:bold;color:#0a5} .score{color:#888;font-size:90%%}
 h3{margin:0 0 4px 0;font-size:14px} .refs{color:#555}
+.exact{color:#fff;background:#0a5;border-radius:3px;padding:0 4px;font-size:80%%;font-weight:normal}
+.ungram{color:#fff;background:#b33;border-radius:3px;padding:0 4px;font-size:80%%;font-weight:normal}
+table.summary td,table.summary th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}
+table.summary th:first-child,table.summary td:first-child{text-align:left}
 """ % (THUMB, THUMB, THUMB, THUMB)
 
 
@@ -73,16 +81,36 @@ def _fmt(v) -> str:
 
 def _candidate(rank: int, c: dict) -> str:
   score = "" if c.get("score") is None else f" <span class='score'>{c['score']:.3f}</span>"
+  mark = (" <span class='exact' title='every stated attribute is true of the image'>exactly right</span>"
+          if c.get("exactly_right") else
+          " <span class='ungram' title='not a sentence of the data set&#39;s templates'>ungrammatical</span>"
+          if c.get("grammatical") is False else "")
   if rank == 0:
-    return f"<li class='chosen'>{html.escape(c['caption'])}{score} &#10003;</li>"
-  return f"<li>{html.escape(c['caption'])}{score}</li>"
+    return f"<li class='chosen'>{html.escape(c['caption'])}{score} &#10003; chosen{mark}</li>"
+  return f"<li>{html.escape(c['caption'])}{score}{mark}</li>"
 
 
-def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: int | None = None) -> str:
-  """The page; thumbnails for the first `max_thumbnails` images only (None: all), the rest as text."""
+def summary_table(variants: dict[str, dict], labels: dict[str, str] | None = None,
+                  keys: Sequence[str] = ("CIDEr", "BLEU-4", "Div-2", *EXACT_KEYS)) -> str:
+  """An HTML table, one row per variant (e.g. the model and its controls), fractions as %."""
+  e = html.escape
+  keys = [k for k in keys if any(m.get(k) is not None for m in variants.values())]
+  head = "".join(f"<th>{e(k)}</th>" for k in keys)
+  def cell(v):
+    return "n/a" if v is None else f"{100 * v:.1f}"
+  rows = "".join(f"<tr><td>{e((labels or {}).get(name, name))}</td>"
+                 + "".join(f"<td>{cell(m.get(k))}</td>" for k in keys) + "</tr>"
+                 for name, m in variants.items())
+  return f"<table class='summary'><tr><th>variant</th>{head}</tr>{rows}</table>"
+
+
+def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: int | None = None,
+           preface: str = "") -> str:
+  """The page; thumbnails for the first `max_thumbnails` images only (None: all), the rest as
+  text. `preface` (HTML, e.g. a `summary_table`) comes first, under the title."""
   e = html.escape
   parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-           f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
+           f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>{preface}"]
   rows = "".join(f"<tr><th>{e(k)}</th><td>{e(_fmt(metrics.get(k)))}</td></tr>"
                  for k in METRIC_ORDER if k in metrics)
   if metrics.get("SPICE_unavailable_reason"):
@@ -114,5 +142,5 @@ def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: i
 
 
 def write_report(path: str, title: str, metrics: dict, entries: Sequence[dict],
-                 max_thumbnails: int | None = None) -> None:
-  storage.write_text(path, render(title, metrics, entries, max_thumbnails))
+                 max_thumbnails: int | None = None, preface: str = "") -> None:
+  storage.write_text(path, render(title, metrics, entries, max_thumbnails, preface))

@@ -57,28 +57,89 @@ def test_random_grayscale_gives_pil_luminance(clip_dir):
   assert all(g != k for g, k in zip(grey, kept)) and 0 < sum(grey) < len(images)
 
 
+HIDDEN_HEAVY = os.path.join(os.path.dirname(__file__), "hidden_heavy")  # no tensorflow, no torch
+
+
 @pytest.mark.slow
-def test_demo_fast_end_to_end(tmp_path):
-  """Every stage of `pdiff demo --fast` runs and leaves its outputs. Its 25-s CLIP and 200
-  denoiser steps are too short for the captions to follow the images (the model and the
-  shuffled-features control both score near zero CIDEr, in either order from run to run), so
-  what is checked of the learning is that the denoiser's loss falls; the full demo's figures
-  (README) show the captions following the images."""
-  w = tmp_path / "demo"
-  r = run_pdiff("demo", f"--workdir={w}", "--fast", env={"XLA_FLAGS": ""}, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
+def test_demo_fast_end_to_end_twice_gives_the_same_figures(tmp_path):
+  """Two `pdiff demo --fast` in two fresh workdirs, at once, with tensorflow and torch hidden
+  (the demo's light install has neither): every stage runs and leaves its outputs, and the two
+  demo_summary.json are byte-identical but for the timing keys (the demo does fixed work).
+
+  Its CLIP and denoiser are too briefly trained for the captions to follow the images (the model
+  and the shuffled-features control both score near zero, in either order from one code change to
+  the next), so what is checked of the learning is that the denoiser's loss falls; the full
+  demo's figures (README) show the captions following the images."""
+  import subprocess
+  import sys
+  from conftest import ROOT
+  from pdiff_jax import demo
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=HIDDEN_HEAVY)
+  runs = {name: subprocess.Popen([sys.executable, "-m", "pdiff_jax", "demo", f"--workdir={tmp_path / name}",
+                                  "--fast"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=env, cwd=ROOT) for name in ("a", "b")}
+  out = {name: p.communicate(timeout=1200) for name, p in runs.items()}
+  for name, p in runs.items():
+    assert p.returncode == 0, out[name][1][-3000:]
+  w = tmp_path / "a"
   summary = json.load(open(w / "demo_summary.json"))
   assert set(summary["variants"]) == {"model", "shuffled_features", "random_candidate"}
   for m in summary["variants"].values():
-    assert {"CIDEr", "BLEU-4", "Div-2", "color_acc", "shape_acc"} <= set(m)
+    assert {"CIDEr", "BLEU-4", "Div-2", "color_acc", "shape_acc", "grammatical", "exactly_right",
+            "cand_grammatical", "cand_exactly_right"} <= set(m)
+    assert all(0 <= m[k] <= 1 for k in ("grammatical", "exactly_right", "cand_grammatical", "cand_exactly_right"))
+  assert len(summary["stage_seconds"]) == 6 and all(v >= 0 for v in summary["stage_seconds"].values())
   losses = [r["loss"] for r in map(json.loads, open(w / "model" / "metrics.jsonl")) if "loss" in r]
   assert len(losses) >= 2 and losses[-1] < 0.9 * losses[0], losses
   assert 0 < summary["ref_Div-2"] <= 1
-  assert os.path.getsize(w / "report.html") > 10_000
-  assert os.path.exists(w / "model" / "eval" / "test" / "metrics.json")
-  assert "| model |" in r.stdout
+  page = open(w / "report.html").read()
+  assert len(page) > 10_000 and page.index("<h2>Summary</h2>") < page.index("<h2>Captions")
+  assert "exactly_right" in page and "control: image features shuffled" in page
+  eval_metrics = json.load(open(w / "model" / "eval" / "test" / "metrics.json"))
+  assert {"grammatical", "exactly_right", "cand_grammatical", "cand_exactly_right"} <= set(eval_metrics)
+  for e in json.load(open(w / "model" / "eval" / "test" / "captions.json")):
+    assert all({"grammatical", "exactly_right"} <= set(c) for c in e["candidates"])
+  assert "| model |" in out["a"][0]
+
+  strip = lambda path: {k: v for k, v in json.load(open(path)).items() if k not in demo.TIMING_KEYS}
+  a, b = strip(tmp_path / "a" / "demo_summary.json"), strip(tmp_path / "b" / "demo_summary.json")
+  assert json.dumps(a, indent=1) == json.dumps(b, indent=1)
+  assert set(json.load(open(w / "demo_summary.json"))) - set(a) == set(demo.TIMING_KEYS)
+
   # The trained model is a normal workdir: pdiff caption works on it.
   image = sorted((w / "data" / "images" / "test").iterdir())[0]
   r = run_pdiff("caption", f"--workdir={w / 'model'}", "--num_candidates=2", "--steps=5", str(image),
-                env={"XLA_FLAGS": ""})
+                env={"XLA_FLAGS": "", "PYTHONPATH": HIDDEN_HEAVY})
   assert r.returncode == 0 and r.stdout.startswith(str(image))
+  # ... and so does the other renderer's test set (its figures for the full demo: README).
+  import other_renderer
+  got = other_renderer.score_workdir(str(w / "model"), count=6, num_candidates=2, steps=5)
+  assert got["num_images"] == 6 and 0 <= got["exactly_right"] <= got["grammatical"] <= 1
+
+
+def test_the_other_renderer_draws_what_its_attributes_say():
+  """Its images are labelled like the training renderer's (object centres have their colour; a
+  relation is clear along one axis) but look otherwise: outlines, textured backgrounds."""
+  import other_renderer
+  from pdiff_jax.metrics import exact
+  images, attrs = other_renderer.draw_set(60, seed=1)
+  rng = np.random.default_rng(1)
+  for image, a in zip(images, attrs):
+    arr = np.asarray(image).astype(int)
+    assert arr.shape == (shapes.SIZE, shapes.SIZE, 3)
+    for o in a["objects"]:
+      assert np.abs(arr[int(o["y"]), int(o["x"])] - np.array(shapes.COLORS[o["color"]])).max() <= 20
+    if len(a["objects"]) == 2:
+      p, q = a["objects"]
+      dx, dy = abs(p["x"] - q["x"]), abs(p["y"] - q["y"])
+      assert max(dx, dy) >= 22 and min(dx, dy) <= 8
+    for c in shapes.captions_for(a, 3, rng):
+      assert exact.check(c, a)["exactly_right"]
+  # Not the training renderer's backgrounds: theirs are a smooth gradient under pixel noise, so
+  # once the noise is blurred away they have hardly any edges but the objects'.
+  def roughness(im):
+    from PIL import ImageFilter
+    arr = np.asarray(im.filter(ImageFilter.BoxBlur(2))).astype(float)
+    return np.abs(np.diff(arr, axis=1)).mean() + np.abs(np.diff(arr, axis=0)).mean()
+  train = [shapes.make_example(rng)[0] for _ in range(60)]
+  assert np.median([roughness(i) for i in images]) > 1.4 * np.median([roughness(i) for i in train])

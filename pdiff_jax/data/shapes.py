@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pdiff_jax import storage
+
 SIZE = 64
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
@@ -113,22 +115,62 @@ def make_example(rng: np.random.Generator) -> tuple[Image.Image, dict]:
   return image, attrs
 
 
+def render_caption(template: str, attrs: dict) -> str:
+  """One template (of ONE or TWO, matching the number of objects) filled in from `attrs`."""
+  objs = attrs["objects"]
+  if len(objs) == 1:
+    o = objs[0]
+    return template.format(size=o["size"], color=o["color"], shape=o["shape"], side=attrs["side"])
+  a, b = objs
+  return template.format(c1=a["color"], s1=a["shape"], z1=a["size"], c2=b["color"], s2=b["shape"],
+                         z2=b["size"], rel=attrs["relation"], inv=INVERSE[attrs["relation"]])
+
+
 def captions_for(attrs: dict, k: int, rng: np.random.Generator) -> list[str]:
   """k captions drawn from the phrasings (distinct where possible)."""
-  objs = attrs["objects"]
-  templates = ONE if len(objs) == 1 else TWO
+  templates = ONE if len(attrs["objects"]) == 1 else TWO
   picks = rng.choice(len(templates), size=k, replace=k > len(templates))
+  return [render_caption(templates[t], attrs) for t in picks]
+
+
+def falsified(attrs: dict, rng: np.random.Generator) -> dict:
+  """A copy of `attrs` with one thing made false: an object's shape, colour or size, the side,
+  the relation (inverted), or the two objects' shapes swapped."""
+  out = {**attrs, "objects": [dict(o) for o in attrs["objects"]]}
+  objs = out["objects"]
+  kinds = ["shape", "color", "size", "where"] + (["swap"] if len(objs) == 2 and
+                                                  objs[0]["shape"] != objs[1]["shape"] else [])
+  kind = kinds[rng.integers(len(kinds))]
+  o = objs[rng.integers(len(objs))]
+  if kind == "shape":
+    o["shape"] = str(rng.choice([s for s in SHAPES if s != o["shape"]]))
+  elif kind == "color":
+    used = {x["color"] for x in objs}
+    o["color"] = str(rng.choice([c for c in COLORS if c not in used]))
+  elif kind == "size":
+    o["size"] = "small" if o["size"] == "big" else "big"
+  elif kind == "swap":
+    objs[0]["shape"], objs[1]["shape"] = objs[1]["shape"], objs[0]["shape"]
+  elif len(objs) == 1:
+    out["side"] = str(rng.choice([s for s in ("left", "right", "top", "bottom") if s != attrs["side"]]))
+  else:
+    out["relation"] = INVERSE[attrs["relation"]]
+  return out
+
+
+def caption_pairs(attrs: dict, k: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+  """k (true caption, hard negative) pairs: the negative is the same phrasing with one attribute
+  made false (NegCLIP's hard negatives, Yuksekgonul et al. 2023), so that a contrastive model
+  must read shape, size and position as well as colour to tell them apart."""
+  templates = ONE if len(attrs["objects"]) == 1 else TWO
   out = []
-  for t in picks:
-    if len(objs) == 1:
-      o = objs[0]
-      out.append(templates[t].format(size=o["size"], color=o["color"], shape=o["shape"],
-                                     side=attrs["side"]))
-    else:
-      a, b = objs
-      out.append(templates[t].format(c1=a["color"], s1=a["shape"], z1=a["size"], c2=b["color"],
-                                     s2=b["shape"], z2=b["size"], rel=attrs["relation"],
-                                     inv=INVERSE[attrs["relation"]]))
+  for t in rng.choice(len(templates), size=k, replace=k > len(templates)):
+    true = render_caption(templates[t], attrs)
+    for _ in range(20):  # a change the phrasing does not mention leaves the words the same
+      false = render_caption(templates[t], falsified(attrs, rng))
+      if false != true:
+        break
+    out.append((true, false))
   return out
 
 
@@ -144,7 +186,7 @@ def generate(root: str, sizes: dict[str, int], seed: int = 0, progress: bool = T
   """Writes root/images/<split>/*.png, root/dataset_shapes.json (Karpathy format) and
   root/attributes.json; returns the JSON path. Idempotent: an existing data set is kept."""
   from tqdm import tqdm
-  path = os.path.join(root, "dataset_shapes.json")
+  path = os.path.join(root, DATASET)
   if os.path.exists(path):
     return path
   images, attributes, index = [], {}, 0
@@ -163,13 +205,29 @@ def generate(root: str, sizes: dict[str, int], seed: int = 0, progress: bool = T
       index += 1
       bar.update(1)
   bar.close()
-  with open(os.path.join(root, "attributes.json"), "w") as f:
+  with open(os.path.join(root, ATTRIBUTES), "w") as f:
     json.dump(attributes, f)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump({"dataset": "shapes", "images": images}, f)
   os.replace(tmp, path)  # last: its presence marks a complete data set
   return path
+
+
+ATTRIBUTES = "attributes.json"
+DATASET = "dataset_shapes.json"
+
+
+def attributes_of_source(source: str) -> dict[int, dict] | None:
+  """image id -> attributes when `source` (a data.source spec) is a shapes data set written by
+  `generate` (karpathy:DIR/dataset_shapes.json with DIR/attributes.json); otherwise None."""
+  kind, _, arg = str(source).partition(":")
+  if kind != "karpathy" or os.path.basename(arg) != DATASET:
+    return None
+  path = storage.join(os.path.dirname(arg), ATTRIBUTES)
+  if not storage.exists(path):
+    return None
+  return {int(k): v for k, v in storage.read_json(path).items()}
 
 
 def attribute_accuracy(captions: Sequence[str], attributes: Sequence[dict]) -> dict:

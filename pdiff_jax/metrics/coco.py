@@ -90,10 +90,11 @@ def _spice(gts: dict, res: dict) -> float:
 
 
 def coco_scores(references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, str],
-                spice: bool = True) -> dict:
+                spice: bool = True, meteor: bool = True) -> dict:
   """Corpus scores on pycocoevalcap's scale (CIDEr 1.13 = "113.0" in papers), one call for
   the whole split (CIDEr's IDF comes from these references). SPICE is None when it cannot run,
-  with the reason under "SPICE_unavailable_reason"."""
+  with the reason under "SPICE_unavailable_reason"; `meteor=False` leaves METEOR out (its Java
+  process loads for seconds)."""
   from pycocoevalcap.bleu.bleu import Bleu
   from pycocoevalcap.cider.cider import Cider
   from pycocoevalcap.meteor.meteor import Meteor
@@ -108,11 +109,12 @@ def coco_scores(references: Mapping[Hashable, Sequence[str]], candidates: Mappin
   out: dict = {}
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
   out.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
-  meteor = Meteor()
-  try:
-    out["METEOR"] = float(meteor.compute_score(gts, res)[0])
-  finally:
-    _close_meteor(meteor)
+  if meteor:
+    scorer = Meteor()
+    try:
+      out["METEOR"] = float(scorer.compute_score(gts, res)[0])
+    finally:
+      _close_meteor(scorer)
   out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
   out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
   out["SPICE"] = None
