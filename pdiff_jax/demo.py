@@ -107,14 +107,20 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   clip_pretrain.train_small_clip(
       config.clip.model, [os.path.join(config.data.image_root, e["filepath"], e["filename"]) for e in train_entries],
       [[s["raw"] for s in e["sentences"]] for e in train_entries], shapes.vocabulary(),
-      steps=plan["clip_steps"], seed=config.seed, projection_dim=config.model.feature_dim,
-      progress=progress)
+      steps=plan["clip_steps"], seed=config.seed,
+      projection_dim=config.model.feature_dim, progress=progress)
 
   stage("3/6 CLIP features (pdiff extract)")
   manifest_path = os.path.join(config.data.feature_dir, "manifest.json")
   if not os.path.exists(manifest_path):
     clip = clip_lib.Clip.load(config.clip.model, image_chunk=config.clip.batch_size)
     features.extract(config, clip, progress=progress)
+  store = features.FeatureStore(config.data.feature_dir)
+  split_attrs = lambda split: [attributes[m["image_id"]] for m in store.images(split)]
+  probe = clip_pretrain.feature_probe(np.asarray(store.split("train").features), split_attrs("train"),
+                                      np.asarray(store.split("test").features), split_attrs("test"))
+  log.info("what the small CLIP's image features say (probe accuracy on test): %s",
+           ", ".join(f"{k} {100 * v:.1f}%" for k, v in probe.items()))
 
   stage("4/6 training (pdiff train)")
   model_dir = os.path.join(workdir, "model")
@@ -135,7 +141,7 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   attrs = [attributes[e["image_id"]] for e in entries]
   s = config.sampler
   n, steps = int(s.num_candidates), int(s.steps)
-  feats = np.asarray(features.FeatureStore(config.data.feature_dir).split("test").features, np.float32)
+  feats = np.asarray(store.split("test").features, np.float32)
   rng = np.random.default_rng(config.seed)
   perm = rng.permutation(len(feats))
   shuffled_cands, shuffled_scores = evaluate.sample_split(captioner, feats[perm], feats[perm], n,
@@ -151,7 +157,7 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   report.write_report(os.path.join(workdir, "report.html"), "pdiff demo: Prefix-diffusion on captioned shapes",
                       metrics, entries, preface=_report_preface(variants, n, steps))
   stage(None)
-  summary = {"variants": variants, "ref_Div-2": ref_div2,
+  summary = {"variants": variants, "ref_Div-2": ref_div2, "clip_probe": probe,
              "num_test_images": len(entries), "num_candidates": n, "sample_steps": steps,
              "fast": fast, "eval_metrics": {k: metrics.get(k) for k in evaluate.TABLE_KEYS},
              "seconds": time.perf_counter() - t0, "stage_seconds": stage.seconds,

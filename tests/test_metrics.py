@@ -215,17 +215,47 @@ def test_exact_scores_by_hand():
   assert exact.shapes_scores(["a red circle"], None, [ONE_OBJECT])["size_acc"] is None
 
 
-def test_every_generated_caption_is_exactly_right_and_every_negative_false():
-  """The checker against the generator itself: all its captions parse and are true; its hard
-  negatives parse and are false."""
+def _falsified(attrs: dict, rng: np.random.Generator) -> dict:
+  """A copy of `attrs` with one thing made false: an object's shape, colour or size, the side,
+  the relation (inverted), or the two objects' shapes swapped."""
+  from pdiff_jax.data import shapes
+  out = {**attrs, "objects": [dict(o) for o in attrs["objects"]]}
+  objs = out["objects"]
+  kinds = ["shape", "color", "size", "where"] + (["swap"] if len(objs) == 2 and
+                                                  objs[0]["shape"] != objs[1]["shape"] else [])
+  kind = kinds[rng.integers(len(kinds))]
+  o = objs[rng.integers(len(objs))]
+  if kind == "shape":
+    o["shape"] = str(rng.choice([s for s in shapes.SHAPES if s != o["shape"]]))
+  elif kind == "color":
+    o["color"] = str(rng.choice([c for c in shapes.COLORS if c not in {x["color"] for x in objs}]))
+  elif kind == "size":
+    o["size"] = "small" if o["size"] == "big" else "big"
+  elif kind == "swap":
+    objs[0]["shape"], objs[1]["shape"] = objs[1]["shape"], objs[0]["shape"]
+  elif len(objs) == 1:
+    out["side"] = str(rng.choice([s for s in ("left", "right", "top", "bottom") if s != attrs["side"]]))
+  else:
+    out["relation"] = shapes.INVERSE[attrs["relation"]]
+  return out
+
+
+def test_every_generated_caption_is_exactly_right_and_every_falsified_one_false():
+  """The checker against the generator itself: every phrasing of every image parses and is true;
+  the same phrasing with one attribute made false parses and is false (unless the phrasing does
+  not mention that attribute, when the words are the same)."""
   from pdiff_jax.data import shapes
   from pdiff_jax.metrics import exact
   rng = np.random.default_rng(3)
+  falsified = 0
   for _ in range(400):
     _, attrs = shapes.make_example(rng)
-    for true, false in shapes.caption_pairs(attrs, 4, rng):
-      assert exact.check(true, attrs) == {**exact.check(true, attrs), "grammatical": True, "exactly_right": True}
+    templates = shapes.ONE if len(attrs["objects"]) == 1 else shapes.TWO
+    for t in templates:
+      true = shapes.render_caption(t, attrs)
+      assert exact.check(true, attrs)["grammatical"] and exact.check(true, attrs)["exactly_right"], (true, attrs)
+      false = shapes.render_caption(t, _falsified(attrs, rng))
       got = exact.check(false, attrs)
-      assert got["grammatical"] and not got["exactly_right"], (false, attrs)
-    for c in shapes.captions_for(attrs, 13, rng):
-      assert exact.check(c, attrs)["exactly_right"], (c, attrs)
+      assert got["grammatical"] and got["exactly_right"] == (false == true), (false, attrs)
+      falsified += false != true
+  assert falsified > 2000

@@ -75,7 +75,7 @@ def _side(cx: float, cy: float) -> str:
 
 
 def make_example(rng: np.random.Generator) -> tuple[Image.Image, dict]:
-  """One image and its attributes {"objects": [{color, shape, size, x, y}], "relation"}."""
+  """One image and its attributes {"objects": [{color, shape, size, x, y}], "relation" | "side"}."""
   base = rng.integers(170, 256, 3)
   grad = np.linspace(0, rng.uniform(-40, 40), SIZE)[None, :, None]
   bg = np.clip(base[None, None] + grad + rng.normal(0, 6, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
@@ -131,47 +131,6 @@ def captions_for(attrs: dict, k: int, rng: np.random.Generator) -> list[str]:
   templates = ONE if len(attrs["objects"]) == 1 else TWO
   picks = rng.choice(len(templates), size=k, replace=k > len(templates))
   return [render_caption(templates[t], attrs) for t in picks]
-
-
-def falsified(attrs: dict, rng: np.random.Generator) -> dict:
-  """A copy of `attrs` with one thing made false: an object's shape, colour or size, the side,
-  the relation (inverted), or the two objects' shapes swapped."""
-  out = {**attrs, "objects": [dict(o) for o in attrs["objects"]]}
-  objs = out["objects"]
-  kinds = ["shape", "color", "size", "where"] + (["swap"] if len(objs) == 2 and
-                                                  objs[0]["shape"] != objs[1]["shape"] else [])
-  kind = kinds[rng.integers(len(kinds))]
-  o = objs[rng.integers(len(objs))]
-  if kind == "shape":
-    o["shape"] = str(rng.choice([s for s in SHAPES if s != o["shape"]]))
-  elif kind == "color":
-    used = {x["color"] for x in objs}
-    o["color"] = str(rng.choice([c for c in COLORS if c not in used]))
-  elif kind == "size":
-    o["size"] = "small" if o["size"] == "big" else "big"
-  elif kind == "swap":
-    objs[0]["shape"], objs[1]["shape"] = objs[1]["shape"], objs[0]["shape"]
-  elif len(objs) == 1:
-    out["side"] = str(rng.choice([s for s in ("left", "right", "top", "bottom") if s != attrs["side"]]))
-  else:
-    out["relation"] = INVERSE[attrs["relation"]]
-  return out
-
-
-def caption_pairs(attrs: dict, k: int, rng: np.random.Generator) -> list[tuple[str, str]]:
-  """k (true caption, hard negative) pairs: the negative is the same phrasing with one attribute
-  made false (NegCLIP's hard negatives, Yuksekgonul et al. 2023), so that a contrastive model
-  must read shape, size and position as well as colour to tell them apart."""
-  templates = ONE if len(attrs["objects"]) == 1 else TWO
-  out = []
-  for t in rng.choice(len(templates), size=k, replace=k > len(templates)):
-    true = render_caption(templates[t], attrs)
-    for _ in range(20):  # a change the phrasing does not mention leaves the words the same
-      false = render_caption(templates[t], falsified(attrs, rng))
-      if false != true:
-        break
-    out.append((true, false))
-  return out
 
 
 def vocabulary() -> list[str]:
