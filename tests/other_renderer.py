@@ -78,15 +78,7 @@ def make_example(rng: np.random.Generator) -> tuple[Image.Image, dict]:
     outline = tuple(int(v) for v in np.array(fill) * 0.45)
     _draw(draw, shape, cx, cy, r, fill, outline, int(rng.integers(1, 3)))
     objects.append({"color": str(color), "shape": shape, "size": size, "x": float(cx), "y": float(cy)})
-  attrs: dict = {"objects": objects}
-  if n == 2:
-    a, b = objects
-    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-    attrs["relation"] = ("left of" if dx < 0 else "right of") if abs(dx) > abs(dy) else \
-        ("above" if dy < 0 else "below")
-  else:
-    attrs["side"] = shapes._side(objects[0]["x"], objects[0]["y"])
-  return image, attrs
+  return image, shapes.where(objects)
 
 
 def draw_set(count: int, seed: int = 0) -> tuple[list[Image.Image], list[dict]]:

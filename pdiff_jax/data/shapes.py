@@ -104,15 +104,23 @@ def make_example(rng: np.random.Generator) -> tuple[Image.Image, dict]:
     fill = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + jitter, 0, 255))
     _draw(draw, shape, cx, cy, r, fill)
     objects.append({"color": str(color), "shape": shape, "size": size, "x": float(cx), "y": float(cy)})
-  attrs = {"objects": objects}
-  if n == 2:
-    a, b = objects
-    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-    attrs["relation"] = ("left of" if dx < 0 else "right of") if abs(dx) > abs(dy) else \
-        ("above" if dy < 0 else "below")
-  else:
-    attrs["side"] = _side(objects[0]["x"], objects[0]["y"])
-  return image, attrs
+  return image, where(objects)
+
+
+def relation(a: dict, b: dict) -> str:
+  """Where object a ({"x", "y"}) is relative to b, along the axis they are further apart on."""
+  dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+  if abs(dx) > abs(dy):
+    return "left of" if dx < 0 else "right of"
+  return "above" if dy < 0 else "below"
+
+
+def where(objects: list[dict]) -> dict:
+  """The attributes of an image with these objects: the objects, and the relation of two (the
+  first's to the second's) or the side a single one is on."""
+  if len(objects) == 2:
+    return {"objects": objects, "relation": relation(*objects)}
+  return {"objects": objects, "side": _side(objects[0]["x"], objects[0]["y"])}
 
 
 def render_caption(template: str, attrs: dict) -> str:

@@ -70,14 +70,6 @@ def parses(caption: str) -> list[dict]:
   return out
 
 
-def _relation(a: dict, b: dict) -> str:
-  """Where object a is relative to b, by the rule the generator labels its images with."""
-  dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-  if abs(dx) > abs(dy):
-    return "left of" if dx < 0 else "right of"
-  return "above" if dy < 0 else "below"
-
-
 def _matches(said: dict, obj: dict) -> bool:
   return all(obj[k] == v for k, v in said.items())
 
@@ -96,7 +88,7 @@ def _true_reading(reading: dict, attrs: dict) -> tuple[bool, bool, bool]:
     if "side" in reading:
       ok_where = len(objs) == 1 and reading["side"] == attrs.get("side")
     elif "relation" in reading:
-      ok_where = reading["relation"] == _relation(*chosen)
+      ok_where = reading["relation"] == shapes.relation(*chosen)
     else:
       ok_where = True
     best = max(best, (len(said) == len(objs) and ok_size and ok_where, ok_size, ok_where))
