@@ -171,18 +171,16 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   return summary
 
 
-VARIANT_LABELS = {"model": "the model (CLIP-reranked of n)",
-                  "shuffled_features": "control: image features shuffled across images",
-                  "random_candidate": "control: a random candidate instead of the reranked one"}
-
-
 def _report_preface(variants: dict, n: int, steps: int) -> str:
   return ("<h2>Summary</h2>"
-          f"<p>Test split, {n} candidates x {steps} steps. Fractions in %. <b>grammatical</b>: the "
-          "caption is a sentence of one of the data set's phrasings; <b>exactly right</b>: and "
-          "everything it says is true of the image; <b>any_exactly_right</b>: an exactly right "
-          "caption is among the candidates; cand_*: over all candidates.</p>"
-          + report.summary_table(variants, VARIANT_LABELS))
+          f"<p>Test split, {n} candidates x {steps} steps, % of the chosen captions unless said. "
+          "<b>model</b>: the CLIP-reranked candidate; controls: <b>shuffled_features</b> (each image "
+          "captioned from another image's features), <b>random_candidate</b> (a random one of the "
+          f"{n} instead of the reranked one). <b>grammatical</b>: a sentence of one of the data "
+          "set's phrasings; <b>exactly right</b>: and everything it says is true of the image; "
+          f"<b>exactly right among n</b>: one of the {n} is; <b>all</b>: over all candidates; "
+          "colour, shape: names some and only true ones; size, place (relation or side): of "
+          "captions that state one, true.</p>" + report.summary_table(variants))
 
 
 def summary_table(summary: dict) -> str:

@@ -32,7 +32,7 @@ ol{margin:4px 0;padding-left:22px} .chosen{font-weight:bold;color:#0a5} .score{c
 h3{margin:0 0 4px 0;font-size:14px} .refs{color:#555}
 .exact{color:#fff;background:#0a5;border-radius:3px;padding:0 4px;font-size:80%%;font-weight:normal}
 .ungram{color:#fff;background:#b33;border-radius:3px;padding:0 4px;font-size:80%%;font-weight:normal}
-table.summary td,table.summary th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}
+table.summary td,table.summary th{padding:3px 7px;border-bottom:1px solid #ddd;text-align:right;font-size:90%%}
 table.summary th:first-child,table.summary td:first-child{text-align:left}
 """ % (THUMB, THUMB, THUMB, THUMB)
 
@@ -90,24 +90,29 @@ def _candidate(rank: int, c: dict) -> str:
   return f"<li>{html.escape(c['caption'])}{score}{mark}</li>"
 
 
-def summary_table(variants: dict[str, dict], labels: dict[str, str] | None = None,
-                  keys: Sequence[str] = ("CIDEr", "BLEU-4", "Div-2", *EXACT_KEYS)) -> str:
+SUMMARY_HEADS = {"grammatical": "grammatical", "exactly_right": "exactly right",
+                 "any_exactly_right": "exactly right among n", "cand_grammatical": "all: grammatical",
+                 "cand_exactly_right": "all: exactly right", "color_acc": "colour", "shape_acc": "shape",
+                 "size_acc": "size", "relation_acc": "place", "count_acc": "count"}
+
+
+def summary_table(variants: dict[str, dict], keys: Sequence[str] = ("CIDEr", "BLEU-4", "Div-2", *EXACT_KEYS)) -> str:
   """An HTML table, one row per variant (e.g. the model and its controls), fractions as %."""
   e = html.escape
   keys = [k for k in keys if any(m.get(k) is not None for m in variants.values())]
-  head = "".join(f"<th>{e(k)}</th>" for k in keys)
+  head = "".join(f"<th>{e(SUMMARY_HEADS.get(k, k))}</th>" for k in keys)
   def cell(v):
     return "n/a" if v is None else f"{100 * v:.1f}"
-  rows = "".join(f"<tr><td>{e((labels or {}).get(name, name))}</td>"
-                 + "".join(f"<td>{cell(m.get(k))}</td>" for k in keys) + "</tr>"
+  rows = "".join(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{cell(m.get(k))}</td>" for k in keys) + "</tr>"
                  for name, m in variants.items())
-  return f"<table class='summary'><tr><th>variant</th>{head}</tr>{rows}</table>"
+  return f"<table class='summary'><tr><th></th>{head}</tr>{rows}</table>"
 
 
 def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: int | None = None,
            preface: str = "") -> str:
   """The page; thumbnails for the first `max_thumbnails` images only (None: all), the rest as
-  text. `preface` (HTML, e.g. a `summary_table`) comes first, under the title."""
+  text. `preface` (HTML, e.g. a `summary_table`) comes first, under the title, and the full
+  metrics table then goes last, after the captions."""
   e = html.escape
   parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>{preface}"]
@@ -115,7 +120,9 @@ def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: i
                  for k in METRIC_ORDER if k in metrics)
   if metrics.get("SPICE_unavailable_reason"):
     rows += f"<tr><th>SPICE</th><td>{e(metrics['SPICE_unavailable_reason'])}</td></tr>"
-  parts.append(f"<h2>Metrics</h2><table class='metrics'>{rows}</table>")
+  table = f"<h2>Metrics</h2><table class='metrics'>{rows}</table>"
+  if not preface:
+    parts.append(table)
   sweep = metrics.get("sweep")
   if sweep:
     parts.append("<h2>Quality and diversity</h2>")
@@ -137,6 +144,8 @@ def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: i
     parts.append(f"<div class='item'>{img}<div><h3>{e(str(item.get('image_id', '')))}</h3>"
                  f"<b>candidates</b> (best first)<ol>{cands}</ol>"
                  f"<b>references</b><ul class='refs'>{refs}</ul></div></div>")
+  if preface:
+    parts.append(table)
   parts.append("</body></html>")
   return "\n".join(parts)
 
