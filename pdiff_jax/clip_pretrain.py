@@ -70,8 +70,7 @@ def random_grayscale(pixels: np.ndarray, prob: float, transform: clip_lib.ImageT
 
 
 def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[str]], words: list[str],
-                     *, steps: int, batch_size: int = 64, lr: float = 1e-3,
-                     seed: int = 0,
+                     *, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                      image_size: int = 32, patch_size: int = 4, width: int = 64,
                      layers: int = 2, heads: int = 4, projection_dim: int = 64, max_text_len: int = 16,
                      grayscale_prob: float = 0.5, warmup_steps: int = 50, progress: bool = True) -> str:
@@ -92,6 +91,7 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   ids, mask = clip.tokenize([c for caps in captions for c in caps])
   ids = ids.reshape(len(captions), per_image, -1)
   mask = mask.reshape(len(captions), per_image, -1)
+
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, steps // 10 + 1), steps)
   tx = optax.adamw(schedule, weight_decay=0.1)
   params = clip.params

@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw
 from pdiff_jax import storage
 
 SIZE = 64
+DATASET = "dataset_shapes.json"  # what `generate` writes: the Karpathy JSON ...
+ATTRIBUTES = "attributes.json"   # ... and beside it every image's truth, by image id
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -179,10 +181,6 @@ def generate(root: str, sizes: dict[str, int], seed: int = 0, progress: bool = T
     json.dump({"dataset": "shapes", "images": images}, f)
   os.replace(tmp, path)  # last: its presence marks a complete data set
   return path
-
-
-ATTRIBUTES = "attributes.json"
-DATASET = "dataset_shapes.json"
 
 
 def attributes_of_source(source: str) -> dict[int, dict] | None:
