@@ -94,7 +94,9 @@ def test_demo_fast_end_to_end_twice_gives_the_same_figures(tmp_path):
   assert 0 < summary["ref_Div-2"] <= 1
   page = open(w / "report.html").read()
   assert len(page) > 10_000 and page.index("<h2>Summary</h2>") < page.index("<h2>Captions")
-  assert "exactly_right" in page and "control: image features shuffled" in page
+  summary_table = page[page.index("<h2>Summary</h2>"):page.index("<h2>Captions")]
+  assert all(f"<td>{v}</td>" in summary_table for v in ("model", "shuffled_features", "random_candidate"))
+  assert "exactly right" in summary_table and page.index("<h2>Captions") < page.index("<h2>Metrics")
   eval_metrics = json.load(open(w / "model" / "eval" / "test" / "metrics.json"))
   assert {"grammatical", "exactly_right", "cand_grammatical", "cand_exactly_right"} <= set(eval_metrics)
   for e in json.load(open(w / "model" / "eval" / "test" / "captions.json")):
