@@ -22,8 +22,12 @@ its text tower gives "... on the left" and "... on the right" cosine 0.999. Trie
 attribute made false, as extra texts in the loss): side 30%, relation 31%, shape down to 62%;
 the same at 64x64 pixels, patch 8: 23% / 21%, shape 55%; counterfactual twin images in every
 batch (the same image with the places exchanged, or one shape or size changed): 28% / 20%,
-shape 40%; 1,500-step probes with patch 8 or lr 3e-3: no better. So the demo's captions get
-relations and sides right only by chance (README), and this is the next thing to fix.
+shape 40%; 1,500-step probes with patch 8 or lr 3e-3: no better. Yet the same ViT, trained
+directly (a linear head on its embedding, cross-entropy on side / relation, 1,000 steps of 64),
+reads the side 86% and the relation 43% right on test: it can see where things are; the
+contrastive signal does not make it (with both towers blind to place, the gradient towards it is
+a product of two near-zero differences). So the demo's captions get relations and sides right
+only by chance (README), and this is the next thing to fix.
 """
 
 from __future__ import annotations
