@@ -187,10 +187,10 @@ def attributes_of_source(source: str) -> dict[int, dict] | None:
   """image id -> attributes when `source` (a data.source spec) is a shapes data set written by
   `generate` (karpathy:DIR/dataset_shapes.json with DIR/attributes.json); otherwise None."""
   kind, _, arg = str(source).partition(":")
-  if kind != "karpathy" or os.path.basename(arg) != DATASET:
+  if kind != "karpathy" or not arg or storage.path(arg).name != DATASET:
     return None
-  path = storage.join(os.path.dirname(arg), ATTRIBUTES)
-  if not storage.exists(path):
+  path = storage.path(arg).parent / ATTRIBUTES  # local or gs://
+  if not path.exists():
     return None
   return {int(k): v for k, v in storage.read_json(path).items()}
 
