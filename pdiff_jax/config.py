@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.restval_in_train = False
   c.data.tfds_data_dir = ""  # for tfds:NAME; empty = TFDS's default
   c.data.feature_dtype = "float32"  # or float16, halves the store
+  c.data.loader_threads = 8  # extract: threads that decode and transform the images
   # Per-dimension standardisation of the CLIP features with train-split statistics (saved in
   # every checkpoint). Off as in the original; helps a small CLIP whose features share a big mean.
   c.data.standardize_features = False
@@ -106,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpointing = True
   c.train.eval_every = 5000
   c.train.eval_batches = 8
+  c.train.prefetch = 2  # batches assembled and put on the devices ahead of the step
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_candidates = 20
@@ -159,6 +161,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every"):
     _check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
   _check(t.eval_batches >= 0, "train.eval_batches", f"must be >= 0, got {t.eval_batches}")
+  _check(config.data.get("loader_threads", 8) >= 1, "data.loader_threads",
+         f"must be >= 1, got {config.data.get('loader_threads')}")
+  _check(t.get("prefetch", 2) >= 1, "train.prefetch", f"must be >= 1, got {t.get('prefetch')}")
   _check(o.lr >= 0, "optim.lr", f"must be >= 0, got {o.lr}")
   _check(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule",
          f"unknown schedule {o.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")

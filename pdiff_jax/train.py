@@ -158,6 +158,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   return TrainState(state.step + 1, params, opt_state, ema), metrics
 
 
+def _guard(guard: dict, metrics: dict, step: jax.Array) -> dict:
+  """{"step", "metrics"} of the first step whose metrics were not all finite (step -1 while
+  none): updated on the device each step, read by the host only at log and checkpoint steps."""
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+  first = (guard["step"] < 0) & ~finite
+  return {"step": jnp.where(first, step.astype(jnp.int32), guard["step"]),
+          "metrics": jax.tree.map(lambda new, old: jnp.where(first, new, old), metrics,
+                                  guard["metrics"])}
+
+
 def eval_step(params, batch, key, *, model, schedule):
   return loss_fn(params, batch, key, model=model, schedule=schedule, train=False)[1]
 
@@ -413,14 +423,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
                                  jax.process_count())
     return sharding_lib.global_batch(local, mesh)
 
-  def finish(step: int, metrics) -> None:
-    values = jax.device_get(metrics)
-    if not all(math.isfinite(float(v)) for v in values.values()):
+  p_guard = jax.jit(_guard, out_shardings=sharding_lib.replicated(mesh))
+
+  def read_guard(guard) -> None:
+    """Raises TrainingDiverged if a step so far had a non-finite metric (a device read)."""
+    g = jax.device_get(guard)
+    if int(g["step"]) >= 0:
       raise TrainingDiverged(
-          f"non-finite loss at step {step} ({', '.join(f'{k}={float(v)}' for k, v in values.items())});"
+          f"non-finite loss at step {int(g['step'])} "
+          f"({', '.join(f'{k}={float(v)}' for k, v in g['metrics'].items())});"
           f" the last good checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
-    if step % t.log_every == 0 or step == total:
-      metrics_log.write(step, values)
+
+  def write_log(step: int, metrics, guard) -> None:
+    read_guard(guard)
+    metrics_log.write(step, jax.device_get(metrics))
 
   def evaluate(step: int) -> None:
     if val_split is None or t.eval_batches == 0:
@@ -433,26 +449,39 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
         sums[k] = sums.get(k, 0.0) + float(v) / t.eval_batches
     metrics_log.write(step, sums, prefix="eval_")
 
-  pending, t_start = None, time.perf_counter()
+  # The host never waits on the device between log steps: batches are built and copied ahead
+  # (pipeline.Prefetcher), the finiteness check stays on the device (`_guard`), and the metrics
+  # of a log step are read one step later, while the next step runs.
+  logged, guard, t_start = None, None, time.perf_counter()
+  batches = pipeline.Prefetcher(lambda step: batch_at(train_split, step), start, total,
+                                depth=int(t.get("prefetch", 2)))
   try:
     with jax.set_mesh(mesh):
       for step in range(start, total):
-        state, metrics = p_train_step(state, batch_at(train_split, step), step_key)
+        state, metrics = p_train_step(state, batches.get(step), step_key)
+        if guard is None:
+          guard = {"step": jnp.int32(-1), "metrics": jax.tree.map(jnp.zeros_like, metrics)}
+        guard = p_guard(guard, metrics, state.step)
         if step == start:  # keep compilation out of the steps/s figures
           jax.block_until_ready(metrics)
           log.info("first step (with compilation) took %.1f s", time.perf_counter() - t_start)
           metrics_log.last_time = time.perf_counter()
-        if pending is not None:  # fetched one step late so the host never waits on the device
-          finish(*pending)
-        done, pending = step + 1, (step + 1, metrics)
+        if logged is not None:
+          write_log(*logged)
+          logged = None
+        done = step + 1
+        if done % t.log_every == 0 or done == total:
+          logged = (done, metrics, guard)
         # Read once: a signal arriving later is handled next step. With several processes a
         # SIGTERM on any of them makes all agree on one step to save at (a collective).
         stopping = ckpts.reached_preemption(done) if multi_process else stop.requested
         keeper.beat()  # renews a gs:// lock at most once a minute
         if done % t.checkpoint_every == 0 or done == total or stopping:
           keeper.check()
-          finish(*pending)
-          pending = None
+          if logged is not None:
+            write_log(*logged)
+            logged = None
+          read_guard(guard)  # never a checkpoint after a non-finite step
           ckpts.save(done, state, extras)
           metrics_log.flush()
         if stopping:
@@ -460,9 +489,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
           break
         if done % t.eval_every == 0 or done == total:
           evaluate(done)
-      if pending is not None:
-        finish(*pending)
+      if logged is not None:
+        write_log(*logged)
+      if guard is not None:
+        read_guard(guard)
   finally:
+    batches.close()
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
     try:

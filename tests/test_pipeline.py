@@ -41,6 +41,56 @@ def test_process_slices_are_disjoint_and_make_the_global_batch():
     pipeline.local_batch(split, 0, 12, 3, 0, 5)
 
 
+def test_epoch_permutation_is_drawn_once_and_read_only():
+  pipeline.epoch_permutation.cache_clear()
+  first = pipeline.epoch_permutation(1000, 5, 3)
+  assert pipeline.epoch_permutation(1000, 5, 3) is first  # cached, not redrawn per step
+  np.testing.assert_array_equal(first, np.random.default_rng([5, 3]).permutation(1000))
+  with pytest.raises(ValueError):
+    first[0] = 1  # callers cannot corrupt the cached order
+  # The stream across an epoch boundary is the uncached stream, position by position.
+  n, batch, seed = 37, 16, 2
+  stream = np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in range(3)])
+  for step in range(6):
+    np.testing.assert_array_equal(pipeline.global_indices(n, step, batch, seed),
+                                  stream[step * batch:(step + 1) * batch])
+
+
+def test_prefetcher_gives_the_inline_batches_in_order():
+  split = _split(30)
+  make = lambda step: pipeline.local_batch(split, step, 8, seed=4)
+  with pipeline.Prefetcher(make, 3, 40, depth=2) as batches:
+    for step in range(3, 40):
+      got, want = batches.get(step), make(step)
+      for key in ("ids", "features"):
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_prefetcher_raises_the_error_of_make_and_stops_early():
+  import threading
+  calls = []
+
+  def make(step):
+    calls.append(step)
+    if step == 4:
+      raise OSError(f"feature file unreadable at step {step}")
+    return step
+
+  with pipeline.Prefetcher(make, 0, 10, depth=1) as batches:
+    assert [batches.get(s) for s in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(OSError, match="unreadable at step 4"):
+      batches.get(4)
+  assert calls == [0, 1, 2, 3, 4]  # nothing after the error
+  # Closed before the end (a preemption stop): the thread ends, having run at most depth ahead.
+  started = []
+  with pipeline.Prefetcher(lambda s: started.append(s) or s, 0, 10_000, depth=2) as batches:
+    assert batches.get(0) == 0
+  assert not any(t.name == "pdiff-prefetch" and t.is_alive() for t in threading.enumerate())
+  assert len(started) <= 4
+  with pytest.raises(ValueError, match="depth must be >= 1"):
+    pipeline.Prefetcher(lambda s: s, 0, 1, depth=0)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

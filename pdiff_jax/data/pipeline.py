@@ -4,13 +4,24 @@ Every caption of every image is one sample (as the original). The order is a per
 epoch drawn from (seed, epoch), so the samples of global batch `step` are a pure function of
 the step: resuming needs no iterator state. Each process materialises only its own rows of each
 global batch; `sharding.global_batch` joins them into one array sharded on `data`.
+
+The permutation of an epoch is drawn once and cached (drawing it is O(captions): 8 ms for COCO's
+566k), so a step's host work is a gather of its rows, independent of the split size, and
+`Prefetcher` runs that work (and the copy to the devices) in a background thread ahead of the
+step. grain's MapDataset would do the same with a dependency and an iterator state to
+checkpoint; here the batch is already a pure function of the step, so a thread and a queue do.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import queue
+import threading
+from typing import Callable, Generic, NamedTuple, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 PAD_ID = 0
 
@@ -26,8 +37,12 @@ class CaptionSplit(NamedTuple):
     return int(self.ids.shape[0])
 
 
+@functools.lru_cache(maxsize=2)  # the epoch in progress and, at a boundary, the next one
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(num_samples)
+  """The order of the samples in `epoch` (read-only: it is cached)."""
+  perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
+  perm.flags.writeable = False
+  return perm
 
 
 def global_indices(num_samples: int, step: int, batch_size: int, seed: int) -> np.ndarray:
@@ -58,6 +73,59 @@ def local_batch(split: CaptionSplit, step: int, batch_size: int, seed: int,
       "ids": np.asarray(split.ids[idx], dtype=np.int32),
       "features": np.asarray(split.features[split.image_index[idx]], dtype=np.float32),
   }
+
+
+class Prefetcher(Generic[T]):
+  """`make(step)` for step = start, start + 1, ... < stop, computed in a background thread up to
+  `depth` steps ahead; `get(step)` returns them in order (an error in `make` is raised there).
+
+  `make` must be a pure function of the step (as `local_batch` is), so the batches are exactly
+  those an inline loop would build; use as a context manager so the thread stops with the loop.
+  """
+
+  def __init__(self, make: Callable[[int], T], start: int, stop: int, depth: int = 2):
+    if depth < 1:
+      raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stopping = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(make, start, stop), daemon=True,
+                                    name="pdiff-prefetch")
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stopping.is_set():
+      try:
+        self._queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self, make, start, stop) -> None:
+    try:
+      for step in range(start, stop):
+        if not self._put((step, make(step), None)):
+          return
+    except BaseException as e:  # noqa: BLE001 -- handed to the consumer, raised in get()
+      self._put((None, None, e))
+
+  def get(self, step: int) -> T:
+    got, value, error = self._queue.get()
+    if error is not None:
+      raise error
+    if got != step:
+      raise RuntimeError(f"prefetcher out of order: asked for step {step}, has step {got}")
+    return value
+
+  def close(self) -> None:
+    self._stopping.set()
+    self._thread.join()
+
+  def __enter__(self) -> "Prefetcher[T]":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def synthetic_split(num_images: int, vocab_size: int, max_len: int, feature_dim: int, seed: int,
