@@ -9,9 +9,11 @@ compute dtype.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
+import shutil
 import statistics
 import time
 
@@ -30,6 +32,8 @@ from pdiff_jax import train
 from pdiff_jax.data import pipeline
 
 log = logging.getLogger(__name__)
+
+PARTS = ("train", "sample", "clip", "pipeline", "extract")
 
 def _time(fn, repeats: int) -> float:
   """Median seconds of `fn()` (which must block until its result is ready)."""
@@ -172,6 +176,134 @@ def bench_clip(name: str, batch: int, repeats: int = 3) -> dict:
           "compile_seconds": compile_s}
 
 
+COCO_SPLIT = (566_747, 123_287)  # captions, images of COCO train+restval+val+test (Karpathy)
+
+
+def _write_split(directory: str, captions: int, images: int, config, seed: int = 0) -> "pipeline.CaptionSplit":
+  """A feature store split of this size, written and memory-mapped as `extract` does."""
+  from pdiff_jax.data import features as features_lib
+  rng = np.random.default_rng(seed)
+  dtype = features_lib.FEATURE_DTYPES[config.data.feature_dtype]
+  arrays = {
+      "features": rng.standard_normal((images, int(config.model.feature_dim)), np.float32).astype(dtype),
+      "ids": rng.integers(0, int(config.model.vocab_size), (captions, int(config.data.max_len)), dtype=np.int32),
+      "image_index": np.sort(rng.integers(0, images, captions)).astype(np.int32)}
+  for kind, array in arrays.items():
+    storage.save_npy(os.path.join(directory, f"train_{kind}.npy"), array)
+  return pipeline.CaptionSplit(*(storage.load_npy(os.path.join(directory, f"train_{k}.npy"))
+                                 for k in ("features", "ids", "image_index")))
+
+
+def bench_pipeline(config, steps: int = 2000, sizes=(COCO_SPLIT, (COCO_SPLIT[0] // 10, COCO_SPLIT[1] // 10)),
+                   workdir: str | None = None) -> dict:
+  """Captions/s of the training input path at `train.batch_size`: batch assembly alone (index,
+  gather from the memory-mapped store) and with the copy to the devices, at COCO's size and at a
+  tenth of it (per-step host time must not grow with the split)."""
+  import tempfile
+  mesh = sharding_lib.make_mesh(config)
+  B = int(config.train.batch_size)
+  out = {"batch_size": B, "steps": steps, "feature_dim": int(config.model.feature_dim),
+         "max_len": int(config.data.max_len), "feature_dtype": str(config.data.feature_dtype),
+         "sizes": []}
+  with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    for captions, images in sizes:
+      split = _write_split(tmp, captions, images, config)
+      local = lambda step: pipeline.local_batch(split, step, B, int(config.seed), jax.process_index(),
+                                                jax.process_count())
+      for step in range(3):  # draws the epoch's permutation, maps the pages in
+        jax.block_until_ready(sharding_lib.global_batch(local(step), mesh))
+      t = time.perf_counter()
+      for step in range(steps):
+        local(step)
+      assemble = (time.perf_counter() - t) / steps
+      t = time.perf_counter()
+      for step in range(steps):
+        jax.block_until_ready(sharding_lib.global_batch(local(step), mesh))
+      copy = (time.perf_counter() - t) / steps
+      # As the train loop consumes it: a background thread, two batches ahead.
+      t = time.perf_counter()
+      with pipeline.Prefetcher(lambda s: sharding_lib.global_batch(local(s), mesh), 0, steps) as q:
+        for step in range(steps):
+          jax.block_until_ready(q.get(step))
+      prefetched = (time.perf_counter() - t) / steps
+      out["sizes"].append({
+          "captions": captions, "images": images,
+          "assemble_us_per_step": 1e6 * assemble, "assemble_captions_per_sec": B / assemble,
+          "with_copy_us_per_step": 1e6 * copy, "with_copy_captions_per_sec": B / copy,
+          "prefetched_captions_per_sec": B / prefetched})
+  big, small = out["sizes"][0], out["sizes"][-1]
+  out["captions_per_sec"] = big["with_copy_captions_per_sec"]
+  out["host_time_growth"] = big["with_copy_us_per_step"] / small["with_copy_us_per_step"]
+  return out
+
+
+def _write_photos(directory: str, count: int, size=(640, 480), seed: int = 0) -> None:
+  """`count` COCO-like JPEGs (640 x 480, quality 90: smooth regions, edges and grain, so that
+  decoding costs what a photo costs) and a folder source's captions.jsonl."""
+  import json
+  from PIL import Image, ImageDraw
+  rng = np.random.default_rng(seed)
+  w, h = size
+  lines = []
+  for i in range(count):
+    base = np.linspace(rng.uniform(0, 255, 3), rng.uniform(0, 255, 3), w)[None].repeat(h, 0)
+    image = Image.fromarray(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+      x, y = rng.uniform(0, w), rng.uniform(0, h)
+      r = rng.uniform(10, 120)
+      draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    image.save(os.path.join(directory, f"{i:05d}.jpg"), quality=90)
+    lines.append(json.dumps({"image": f"{i:05d}.jpg", "captions": [f"photo {i}"]}))
+  with open(os.path.join(directory, "captions.jsonl"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def bench_extract(config, images: int = 400, threads=(1, 2), workdir: str | None = None) -> dict:
+  """Images/s of extraction's host path (decode + resize, crop, normalise in the loader threads,
+  no CLIP) and of `pdiff extract` end to end with a tiny CLIP of the configured CLIP's input
+  size (so that the device's share is ~0 and the host path is what is measured), at each thread
+  count: how many cores a GPU host needs to keep its CLIP fed."""
+  import tempfile
+  from pdiff_jax.data import features as features_lib
+  from pdiff_jax.data import sources as sources_lib
+  try:
+    transform = clip_lib.Clip.load(config.clip.model).transform
+    size, source = transform.crop_height, config.clip.model
+  except clip_lib.ClipLoadError:
+    arch = clip_lib.KNOWN_CLIPS.get(config.clip.model, clip_lib.KNOWN_CLIPS["openai/clip-vit-large-patch14"])
+    size, source = arch["vision"]["image_size"], f"{config.clip.model} (its input size; not available offline)"
+  out = {"images": images, "image_size": "640x480 JPEG", "clip_input": size, "transform_of": source,
+         "threads": {}}
+  with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    photos, clip_dir = os.path.join(tmp, "photos"), os.path.join(tmp, "clip")
+    os.makedirs(photos)
+    _write_photos(photos, images)
+    clip_lib.save_small_clip(clip_dir, image_size=size, patch_size=size // 7 if size % 7 == 0 else 16,
+                             width=32, layers=1, heads=2, projection_dim=32)
+    tiny = clip_lib.Clip.load(clip_dir, devices=jax.devices()[:1], image_chunk=int(config.clip.batch_size))
+    for n in threads:
+      src = sources_lib.open_source(f"folder:{photos}", threads=n)
+      list(src.images("train", 0, min(8, images), transform=tiny.transform))  # warm the page cache
+      t = time.perf_counter()
+      for _ in src.images("train", 0, images, transform=tiny.transform):
+        pass
+      host = images / (time.perf_counter() - t)
+      c = copy.deepcopy(config)
+      c.data.source, c.data.image_root = f"folder:{photos}", ""
+      c.data.feature_dir = os.path.join(tmp, f"features_{n}")
+      c.data.loader_threads, c.data.shard_size, c.data.min_count = n, images, 1
+      features_lib.extract(c, tiny, progress=False)  # compiles the tiny CLIP's one chunk shape
+      shutil.rmtree(c.data.feature_dir)
+      t = time.perf_counter()
+      features_lib.extract(c, tiny, progress=False)
+      end_to_end = images / (time.perf_counter() - t)
+      out["threads"][str(n)] = {"host_images_per_sec": host, "extract_images_per_sec": end_to_end}
+  rates = [out["threads"][str(n)]["host_images_per_sec"] for n in threads]
+  out["host_speedup"] = rates[-1] / rates[0]
+  return out
+
+
 def run_bench(config, out: str, parts=("train", "sample", "clip"),
               profile_dir: str | None = None) -> dict:
   """Measures `parts`; with `profile_dir`, also a profiler trace of the train step and the sampler
@@ -193,6 +325,10 @@ def run_bench(config, out: str, parts=("train", "sample", "clip"),
     result["sample"]["mfu"] = result["sample"]["flops_per_sec"] / rate
   if "clip" in parts:
     result["clip"] = bench_clip(config.clip.model, int(config.clip.batch_size))
+  if "pipeline" in parts:
+    result["pipeline"] = bench_pipeline(config)
+  if "extract" in parts:
+    result["extract"] = bench_extract(config)
   result["peak_memory_bytes"] = _peak_memory()
   result["num_processes"] = jax.process_count()
   if jax.process_index() == 0:  # the train figures are global; the others are process 0's own
@@ -224,6 +360,19 @@ def table(r: dict) -> str:
                  f"{s['steps']} steps), MFU {100 * s['mfu']:.0f}%, compile {s['compile_seconds']:.1f} s")
     if "profile" in s:
       lines.append(_profile_table(s["profile"], r["matmul_flops_per_sec"]))
+  if "pipeline" in r:
+    p = r["pipeline"]
+    for z in p["sizes"]:
+      lines.append(f"pipeline ({z['captions']:,} captions, {z['images']:,} images, batch {p['batch_size']}): "
+                   f"assemble {z['assemble_captions_per_sec']:,.0f} captions/s ({z['assemble_us_per_step']:.0f} us/step), "
+                   f"+ copy to devices {z['with_copy_captions_per_sec']:,.0f} captions/s "
+                   f"({z['with_copy_us_per_step']:.0f} us/step), prefetched {z['prefetched_captions_per_sec']:,.0f} captions/s")
+  if "extract" in r:
+    e = r["extract"]
+    for n, z in e["threads"].items():
+      lines.append(f"extract ({e['images']} {e['image_size']} -> {e['clip_input']} px, {n} loader thread(s)): "
+                   f"host path {z['host_images_per_sec']:.1f} images/s, end to end with a tiny CLIP "
+                   f"{z['extract_images_per_sec']:.1f} images/s")
   if "clip" in r and r["clip"].get("images_per_sec"):
     lines.append(f"clip:   {r['clip']['images_per_sec']:.1f} images/s ({r['clip']['model']})")
   return "\n".join(lines)

@@ -24,7 +24,7 @@ commands:
   caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--json] IMAGE...
   eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--sweep]
   score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
-  bench   [--config=CFG] --out=FILE [--parts=train,sample,clip] [--profile_dir=DIR]
+  bench   [--config=CFG] --out=FILE [--parts=train,sample,clip,pipeline] [--profile_dir=DIR]
           throughput, FLOP/s and MFU here; with --profile_dir, where the step's time goes
   info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
 
@@ -245,7 +245,8 @@ def _flags_bench(fv: flags.FlagValues) -> None:
   config_flags.DEFINE_config_file("config", PAPER_CONFIG, "Config to measure (default: the paper's).",
                                   flag_values=fv, lock_config=True)
   flags.DEFINE_string("out", None, "JSON file for the figures.", flag_values=fv, required=True)
-  flags.DEFINE_list("parts", ["train", "sample", "clip"], "Which of train,sample,clip to measure.",
+  flags.DEFINE_list("parts", ["train", "sample", "clip"],
+                    "Which of train,sample,clip,pipeline to measure.",
                     flag_values=fv)
   flags.DEFINE_string("profile_dir", None, "Also trace the train step and the sampler here "
                       "(jax.profiler; Perfetto/TensorBoard) and add a per-op summary to the JSON.",
@@ -254,9 +255,9 @@ def _flags_bench(fv: flags.FlagValues) -> None:
 
 def _cmd_bench(fv: flags.FlagValues) -> int:
   from pdiff_jax import bench
-  bad = set(fv.parts) - {"train", "sample", "clip"}
+  bad = set(fv.parts) - set(bench.PARTS)
   if bad:
-    raise UsageError(f"--parts: unknown {', '.join(sorted(bad))}; expected train, sample, clip")
+    raise UsageError(f"--parts: unknown {', '.join(sorted(bad))}; expected {', '.join(bench.PARTS)}")
   from pdiff_jax import storage
   if fv.profile_dir and storage.is_remote(fv.profile_dir):
     raise UsageError(f"--profile_dir={fv.profile_dir}: traces are summarised from local files; "

@@ -72,3 +72,34 @@ def test_a_failed_profile_summary_keeps_the_timings(tmp_path, monkeypatch):
   assert p == {"error": "KeyError: 'traceEvents'", "dir": str(tmp_path / "train")}
   assert (tmp_path / "train" / "hlo.txt").read_text() == compiled.as_text()
   assert "profile summary failed (KeyError: 'traceEvents')" in bench._profile_table(p, 1e9)
+
+
+def test_bench_pipeline_measures_the_input_path_and_cleans_up(tmp_path):
+  """`--parts=pipeline` at two split sizes: the store is written as extract writes it (float16
+  here), memory-mapped, timed, and removed; the figures are per-step consistent."""
+  from pdiff_jax import bench
+  config = load_config("tiny", **{"data.feature_dtype": "float16"})
+  r = bench.bench_pipeline(config, steps=30, sizes=((3000, 600), (300, 60)), workdir=str(tmp_path))
+  assert [z["captions"] for z in r["sizes"]] == [3000, 300]
+  for z in r["sizes"]:
+    for key in ("assemble", "with_copy"):
+      assert z[f"{key}_captions_per_sec"] == pytest.approx(
+          r["batch_size"] * 1e6 / z[f"{key}_us_per_step"])
+    assert z["prefetched_captions_per_sec"] > 0
+  assert r["captions_per_sec"] == r["sizes"][0]["with_copy_captions_per_sec"]
+  assert r["host_time_growth"] > 0
+  assert list(tmp_path.iterdir()) == []  # the temporary store is gone
+
+
+def test_bench_extract_times_host_path_and_extract_per_thread_count(tmp_path, clip_dir):
+  """`--parts=extract`: real JPEGs, decoded and transformed by 1 and 2 loader threads, and a
+  whole `extract` into a temporary store, for each; nothing is left behind."""
+  from pdiff_jax import bench
+  config = load_config("tiny", **{"clip.model": str(clip_dir), "clip.batch_size": 4})
+  r = bench.bench_extract(config, images=12, threads=(1, 2), workdir=str(tmp_path))
+  assert set(r["threads"]) == {"1", "2"} and r["clip_input"] == 32
+  for z in r["threads"].values():
+    assert z["host_images_per_sec"] > 0 and z["extract_images_per_sec"] > 0
+  assert r["host_speedup"] == pytest.approx(
+      r["threads"]["2"]["host_images_per_sec"] / r["threads"]["1"]["host_images_per_sec"])
+  assert list(tmp_path.iterdir()) == []
