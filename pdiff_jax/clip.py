@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 os.environ.setdefault("USE_TF", "0")  # transformers: never import TensorFlow for CLIP
 
@@ -227,6 +227,19 @@ class Clip:
   def encode_images(self, pixels_BCHW: np.ndarray) -> np.ndarray:
     """Projected image embeddings (B, E), float32, unnormalised."""
     return self._chunked(self._images, [np.asarray(pixels_BCHW, np.float32)], self.image_chunk)
+
+  def encode_images_async(self, pixels_BCHW: np.ndarray) -> Callable[[], np.ndarray]:
+    """Dispatches `encode_images` and returns a function that reads the embeddings back, so a
+    caller can queue the next batch before it waits for this one (extraction does)."""
+    pixels = np.asarray(pixels_BCHW, np.float32)
+    n, results = len(pixels), []
+    for start in range(0, max(n, 1), self.image_chunk):
+      part = pixels[start:start + self.image_chunk]
+      if len(part) < self.image_chunk:
+        part = np.concatenate([part, np.zeros((self.image_chunk - len(part),) + pixels.shape[1:],
+                                              np.float32)])
+      results.append(self._images(self.params, jax.device_put(part, self._batch)))
+    return lambda: np.concatenate([np.asarray(r) for r in results])[:n].astype(np.float32)
 
   def encode_image_files(self, paths: Sequence[str]) -> np.ndarray:
     """`encode_images` of image files, decoded one chunk at a time (raises images.BadImage)."""

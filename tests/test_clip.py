@@ -144,3 +144,15 @@ def test_small_clip_makes_each_word_one_token(tmp_path):
   assert len(ids) == len(words) + 2 and len(set(ids[1:-1])) == len(words)
   # Text outside the word list still tokenizes (falls back to smaller pieces), losslessly.
   assert tok.decode(tok("a greenish trapezoid")["input_ids"], skip_special_tokens=True) == "a greenish trapezoid"
+
+
+def test_encode_images_async_equals_encode_images(clip_dir):
+  from pdiff_jax import clip as clip_lib
+  clip = clip_lib.Clip.load(str(clip_dir), image_chunk=4)
+  size = clip.transform.crop_height
+  pixels = np.random.default_rng(0).standard_normal((10, 3, size, size)).astype(np.float32)
+  first = clip.encode_images_async(pixels[:7])  # two chunks, the last padded
+  second = clip.encode_images_async(pixels[7:])  # queued before the first is read back
+  got = np.concatenate([first(), second()])
+  np.testing.assert_allclose(got, clip.encode_images(pixels), rtol=1e-5, atol=1e-6)
+  assert got.shape == (10, clip.embed_dim) and got.dtype == np.float32

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdiff_jax.data.images import BadImage, load_image
+from pdiff_jax.data.images import BadImage, load_image, ordered_map
 
 
 def _save(tmp_path, name, image, **kw):
@@ -97,3 +97,36 @@ def test_bytes_input():
   assert load_image(io.BytesIO(buf.getvalue())).size == (3, 2)
   with pytest.raises(BadImage, match="empty"):
     load_image(io.BytesIO(b""))
+
+
+def test_ordered_map_keeps_order_bounds_the_window_and_raises():
+  import threading
+  import time
+  lock, state = threading.Lock(), {"running": 0, "most": 0, "read": 0}
+
+  def items():
+    for i in range(40):
+      state["read"] += 1
+      yield i
+
+  def slow_square(i):
+    with lock:
+      state["running"] += 1
+      state["most"] = max(state["most"], state["running"])
+    time.sleep(0.002 * (i % 3))  # finishing out of order
+    with lock:
+      state["running"] -= 1
+    return i * i
+
+  gen = ordered_map(slow_square, items(), threads=3, ahead=5)
+  assert [next(gen) for _ in range(3)] == [0, 1, 4]
+  assert state["read"] <= 3 + 5  # a generator input is read only as far as the window
+  assert list(gen) == [i * i for i in range(3, 40)]
+  assert state["most"] <= 3
+
+  def fails(i):
+    if i == 2:
+      raise ValueError("image 2 is broken")
+    return i
+  with pytest.raises(ValueError, match="image 2 is broken"):
+    list(ordered_map(fails, range(5), threads=2))

@@ -24,6 +24,14 @@ def test_karpathy(tmp_path):
   assert out[0].mode == "RGB" and out[0].size == (30, 24)
   apart = sources.karpathy(path, str(tmp_path / "images"), restval_in_train=False).records()
   assert len(apart["train"]) == 6 and len(apart["restval"]) == 2
+  # With a transform the loader threads return its output, in order; bad images pass through.
+  transform = lambda im: np.asarray(im, np.float32).mean(axis=(0, 1))
+  for threads in (1, 3):
+    src = sources.karpathy(path, str(tmp_path / "images"), True, threads=threads)
+    got = list(src.images("train", 0, 5, transform=transform))
+    assert isinstance(got[3], BadImage)
+    for g, im in zip(got[:3] + got[4:], out[:3] + out[4:]):
+      np.testing.assert_array_equal(g, transform(im))
 
 
 def test_karpathy_flickr_style_and_errors(tmp_path):
@@ -115,6 +123,8 @@ def test_tfds_ranges_on_real_files(tiny_tfds):
   expected = [recs["train"][k].image_id - 500 for k in range(3, 7)]
   assert [int(np.asarray(im)[0, 0, 0]) for im in images] == [10 * e for e in expected]
   assert [im.size for im in images] == [(9, 8 + e) for e in expected]
+  sized = list(src.images("train", 3, 7, transform=lambda im: im.size))
+  assert sized == [(9, 8 + e) for e in expected]  # transformed in the loader threads, in order
   small = sources.TfdsSource("coco_captions_tiny", tiny_tfds, True, max_pixels=100)
   assert all(isinstance(x, BadImage) for x in small.images("test", 0, 2))
 

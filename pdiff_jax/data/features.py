@@ -61,7 +61,8 @@ def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
   d = config.data
   out = d.feature_dir
   source = sources_lib.open_source(d.source, d.image_root, d.restval_in_train, d.max_image_pixels,
-                                   d.get("tfds_data_dir", "") or None)
+                                   d.get("tfds_data_dir", "") or None,
+                                   threads=int(d.get("loader_threads", 8)))
   records = source.records()
   if not records.get("train"):
     raise sources_lib.SourceError(f"data.source={d.source!r} has no 'train' images")
@@ -94,7 +95,8 @@ def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
              disable=not progress, dynamic_ncols=True)
   for split, i in todo:
     start, stop = i * d.shard_size, min((i + 1) * d.shard_size, len(records[split]))
-    _extract_shard(out, split, i, source.images(split, start, stop), stop - start, clip,
+    _extract_shard(out, split, i, source.images(split, start, stop, transform=clip.transform),
+                   stop - start, clip,
                    int(config.clip.batch_size), bar)
   bar.close()
   barrier("pdiff_extract_shards_done")
@@ -115,24 +117,29 @@ def _complete_manifest(out: str, plan: dict, d) -> dict | None:
 
 
 def _extract_shard(out, split, index, images, count, clip, batch_size, bar) -> None:
+  """CLIP features of one shard; `images` yields transformed pixels (decoded and transformed in
+  the loader threads) or BadImage. Batch i + 1 is dispatched before batch i is read back, so the
+  device does not wait on the host's readback and the host does not wait on the device."""
   features, ok, reasons = [], np.zeros(count, bool), {}
-  batch = []
+  batch, in_flight = [], []
 
-  def flush():
+  def flush(keep: int) -> None:
     if batch:
-      features.append(clip.encode_images(np.stack(batch)))
+      in_flight.append(clip.encode_images_async(np.stack(batch)))
       batch.clear()
+    while len(in_flight) > keep:
+      features.append(in_flight.pop(0)())
 
-  for pos, image in enumerate(images):
-    if isinstance(image, images_lib.BadImage):
-      reasons[pos] = str(image)
+  for pos, pixels in enumerate(images):
+    if isinstance(pixels, images_lib.BadImage):
+      reasons[pos] = str(pixels)
     else:
-      batch.append(clip.transform(image))
+      batch.append(pixels)
       ok[pos] = True
       if len(batch) == batch_size:
-        flush()
+        flush(keep=1)
     bar.update(1)
-  flush()
+  flush(keep=0)
   feats = (np.concatenate(features) if features
            else np.zeros((0, clip.embed_dim), np.float32)).astype(np.float32)
   skipped = np.array([f"{p}\t{r}" for p, r in sorted(reasons.items())], dtype=np.str_)

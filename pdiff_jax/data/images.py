@@ -7,10 +7,12 @@ reason. Sizes are checked from the header before any pixel is decoded (decompres
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import io
 import os
 import warnings
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -18,6 +20,9 @@ from PIL import Image, ImageOps
 from pdiff_jax import storage
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold (~ 9459 x 9459)
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 class BadImage(Exception):
@@ -80,3 +85,19 @@ def load_image(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX
     raise BadImage("not an image file") from None
   except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
     raise BadImage(f"unreadable image data ({e})") from None
+
+
+def ordered_map(fn: Callable[[A], R], items: Iterable[A], threads: int,
+                ahead: int | None = None) -> Iterator[R]:
+  """`fn` over `items` in `threads` threads, yielded in order, with at most `ahead` (default
+  4 x threads) submitted and not yet consumed: unlike `Executor.map`, a slow consumer never
+  holds a whole shard of decoded images, and a generator input is not read to its end first."""
+  ahead = max(ahead or 4 * threads, 1)
+  with concurrent.futures.ThreadPoolExecutor(max(threads, 1), thread_name_prefix="pdiff-load") as pool:
+    window: collections.deque = collections.deque()
+    for item in items:
+      window.append(pool.submit(fn, item))
+      if len(window) >= ahead:
+        yield window.popleft().result()
+    while window:
+      yield window.popleft().result()

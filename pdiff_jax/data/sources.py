@@ -7,8 +7,8 @@ on many processes. Knows nothing of the model.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import functools
 import json
 from typing import Iterator, Sequence
 
@@ -41,7 +41,7 @@ def _tokens(raw: Sequence[str], given: Sequence[Sequence[str]] | None = None):
 
 
 class FileSource:
-  """Records whose images are files on disk, decoded by a small thread pool."""
+  """Records whose images are files on disk, decoded (and transformed) by a small thread pool."""
 
   def __init__(self, splits: dict[str, list[ImageRecord]], max_pixels: int, threads: int = 8):
     self._splits, self.max_pixels, self.threads = splits, max_pixels, threads
@@ -49,16 +49,18 @@ class FileSource:
   def records(self) -> dict[str, list[ImageRecord]]:
     return self._splits
 
-  def _load(self, record: ImageRecord):
+  def _load(self, record: ImageRecord, transform=None):
     try:
-      return images_lib.load_image(record.image, self.max_pixels)
+      image = images_lib.load_image(record.image, self.max_pixels)
     except images_lib.BadImage as e:
       return e
+    return image if transform is None else transform(image)
 
-  def images(self, split: str, start: int, stop: int) -> Iterator[Image.Image | images_lib.BadImage]:
-    """Decoded RGB images (or the BadImage explaining why not) of records [start, stop), in order."""
-    with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
-      yield from pool.map(self._load, self._splits[split][start:stop])
+  def images(self, split: str, start: int, stop: int, transform=None) -> Iterator:
+    """Decoded RGB images (or the BadImage explaining why not) of records [start, stop), in order;
+    with `transform`, `transform(image)` computed in the same loader thread."""
+    load = functools.partial(self._load, transform=transform)
+    yield from images_lib.ordered_map(load, self._splits[split][start:stop], self.threads)
 
 
 def _read_json(path: str, what: str):
@@ -71,7 +73,7 @@ def _read_json(path: str, what: str):
 
 
 def karpathy(path: str, image_root: str, restval_in_train: bool = True,
-             max_pixels: int = images_lib.DEFAULT_MAX_PIXELS) -> FileSource:
+             max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, threads: int = 8) -> FileSource:
   """Karpathy's `dataset_{coco,flickr30k,flickr8k}.json`; images under `image_root/filepath/filename`."""
   data = _read_json(path, "Karpathy split file")
   if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -91,10 +93,10 @@ def karpathy(path: str, image_root: str, restval_in_train: bool = True,
       raise SourceError(f"{path}: images[{i}] lacks {e}") from None
     splits.setdefault(split, []).append(
         ImageRecord(image_id, storage.join(image_root, *rel), tuple(raw), _tokens(raw, toks)))
-  return FileSource(splits, max_pixels)
+  return FileSource(splits, max_pixels, threads)
 
 
-def folder(root: str, max_pixels: int = images_lib.DEFAULT_MAX_PIXELS) -> FileSource:
+def folder(root: str, max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, threads: int = 8) -> FileSource:
   """`root/captions.jsonl`: one `{"image": "rel/path.jpg", "captions": [...], "split": "train"}`
   per line (`split` defaults to train; an optional `id` is the image id, else the path)."""
   path = storage.join(root, "captions.jsonl")
@@ -112,19 +114,20 @@ def folder(root: str, max_pixels: int = images_lib.DEFAULT_MAX_PIXELS) -> FileSo
       raise SourceError(f"{path}:{n}: expected {{\"image\": ..., \"captions\": [...]}} ({e})") from None
     record = ImageRecord(entry.get("id", rel), storage.join(root, rel), tuple(raw), _tokens(raw))
     splits.setdefault(entry.get("split", "train"), []).append(record)
-  return FileSource(splits, max_pixels)
+  return FileSource(splits, max_pixels, threads)
 
 
 class TfdsSource:
   """TFDS `coco_captions` (Karpathy splits built in: train, restval, val, test)."""
 
-  def __init__(self, name: str, data_dir: str | None, restval_in_train: bool, max_pixels: int):
+  def __init__(self, name: str, data_dir: str | None, restval_in_train: bool, max_pixels: int,
+               threads: int = 8):
     try:
       import tensorflow_datasets as tfds
     except ImportError:
       raise SourceError("data.source=tfds:... needs tensorflow-datasets: pip install 'pdiff_jax[tfds]'") from None
     self.tfds, self.name, self.data_dir = tfds, name, data_dir
-    self.restval_in_train, self.max_pixels = restval_in_train, max_pixels
+    self.restval_in_train, self.max_pixels, self.threads = restval_in_train, max_pixels, threads
     self._splits: dict[str, list[ImageRecord]] | None = None
     self._ranges: dict[str, list[tuple[str, int]]] = {}
 
@@ -165,31 +168,39 @@ class TfdsSource:
     self._splits = splits
     return splits
 
-  def images(self, split: str, start: int, stop: int):
+  def images(self, split: str, start: int, stop: int, transform=None):
+    """As FileSource.images; TFDS decodes, the loader threads convert and transform."""
     self.records()
+    decode = functools.partial(self._decode, transform=transform)
+    yield from images_lib.ordered_map(decode, self._pixels(split, start, stop), self.threads)
+
+  def _pixels(self, split: str, start: int, stop: int):
     offset = 0
     for theirs, n in self._ranges[split]:
       a, b = max(start - offset, 0), min(stop - offset, n)
       if a < b:
         for ex in self._load(f"{theirs}[{a}:{b}]", images=True):
-          yield self._decode(ex["image"])
+          yield ex["image"]
       offset += n
 
-  def _decode(self, pixels: np.ndarray):
+  def _decode(self, pixels: np.ndarray, transform=None):
     h, w = pixels.shape[:2]
     if h * w > self.max_pixels:
       return images_lib.BadImage(f"{w}x{h} pixels exceed the limit of {self.max_pixels}")
-    return images_lib.to_rgb(Image.fromarray(np.squeeze(pixels, -1) if pixels.shape[-1] == 1 else pixels))
+    image = images_lib.to_rgb(Image.fromarray(np.squeeze(pixels, -1) if pixels.shape[-1] == 1 else pixels))
+    return image if transform is None else transform(image)
 
 
 def open_source(spec: str, image_root: str = "", restval_in_train: bool = True,
-                max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, tfds_data_dir: str | None = None):
-  """`karpathy:PATH`, `tfds:NAME`, `folder:PATH` (see CONTRACT.md's data.source)."""
+                max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, tfds_data_dir: str | None = None,
+                threads: int = 8):
+  """`karpathy:PATH`, `tfds:NAME`, `folder:PATH` (see CONTRACT.md's data.source); `threads`
+  loader threads decode and transform the images."""
   kind, _, arg = spec.partition(":")
   if kind == "karpathy" and arg:
-    return karpathy(arg, image_root, restval_in_train, max_pixels)
+    return karpathy(arg, image_root, restval_in_train, max_pixels, threads)
   if kind == "folder" and arg:
-    return folder(arg, max_pixels)
+    return folder(arg, max_pixels, threads)
   if kind == "tfds" and arg:
-    return TfdsSource(arg, tfds_data_dir or None, restval_in_train, max_pixels)
+    return TfdsSource(arg, tfds_data_dir or None, restval_in_train, max_pixels, threads)
   raise SourceError(f"data.source={spec!r}: expected karpathy:PATH, tfds:NAME or folder:PATH")
