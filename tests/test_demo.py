@@ -57,6 +57,34 @@ def test_random_grayscale_gives_pil_luminance(clip_dir):
   assert all(g != k for g, k in zip(grey, kept)) and 0 < sum(grey) < len(images)
 
 
+def test_attribute_labels_and_loss_of_the_small_clip_head():
+  """The labels a shapes image gives the attribute head, by hand; and with a zero head every
+  applicable group's cross-entropy is log(its number of classes)."""
+  import jax.numpy as jnp
+  from pdiff_jax import clip_pretrain
+  one = {"objects": [{"color": "blue", "shape": "diamond", "size": "big", "x": 10, "y": 30}],
+         "side": "left"}
+  y = clip_pretrain.attribute_labels(one)
+  colours = list(shapes.COLORS)
+  b = colours.index("blue")
+  assert (y[0], y[1], y[2]) == (0, 0, -1)  # one object, on the left, no relation
+  assert y[3 + b] == 1 + shapes.SHAPES.index("diamond") and y[9 + b] == 2  # 1 + index of "big"
+  assert all(y[3 + c] == 0 and y[9 + c] == 0 for c in range(6) if c != b)  # no such colour
+  # Two objects: the relation is that of the object whose colour comes first in COLORS.
+  red = {"color": "red", "shape": "circle", "size": "small", "x": 50, "y": 30}
+  green = {"color": "green", "shape": "square", "size": "big", "x": 12, "y": 30}
+  for objs in ([red, green], [green, red]):
+    y2 = clip_pretrain.attribute_labels(shapes.where(objs))
+    assert y2[0] == 1 and y2[1] == -1
+    assert list(shapes.INVERSE)[y2[2]] == "right of"  # red (first in COLORS) is right of green
+  labels = jnp.asarray(np.stack([y, y2]))
+  k = sum(n for _, n in clip_pretrain._label_layout())
+  emb = jnp.ones((2, 8)) / np.sqrt(8)
+  loss = float(clip_pretrain._attribute_loss(jnp.zeros((8, k)), emb, labels))
+  # count (2 classes), side (4, one image), relation (4, one), shape (5), size (3)
+  assert loss == pytest.approx(np.log(2) + np.log(4) + np.log(4) + np.log(5) + np.log(3), rel=1e-6)
+
+
 HIDDEN_HEAVY = os.path.join(os.path.dirname(__file__), "hidden_heavy")  # no tensorflow, no torch
 
 
