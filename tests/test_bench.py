@@ -27,6 +27,9 @@ def test_bench_tiny_writes_every_figure(tmp_path, clip_dir):
   assert t["tokens_per_sec"] == pytest.approx(t["examples_per_sec"] * config.data.max_len)
   assert t["flops_per_sec"] == pytest.approx(t["examples_per_sec"] * model_lib.train_flops_per_example(cfg))
   assert t["mfu"] == pytest.approx(t["flops_per_sec"] / b["matmul_flops_per_sec"])
+  # Back to back (steps dispatched without waiting, as `pdiff train` runs them): its own figure.
+  assert t["back_to_back_examples_per_sec"] == pytest.approx(
+      config.train.batch_size / t["back_to_back_step_seconds"])
 
   s = b["sample"]
   assert (s["num_candidates"], s["steps"]) == (config.sampler.num_candidates, config.sampler.steps)
