@@ -287,7 +287,7 @@ def bench_extract(config, images: int = 400, threads=(1, 2), workdir: str | None
     photos, clip_dir = os.path.join(tmp, "photos"), os.path.join(tmp, "clip")
     os.makedirs(photos)
     _write_photos(photos, images)
-    clip_lib.save_small_clip(clip_dir, image_size=size, patch_size=size // 7 if size % 7 == 0 else 16,
+    clip_lib.save_small_clip(clip_dir, image_size=size, patch_size=size // 2,  # 2 x 2 patches
                              width=32, layers=1, heads=2, projection_dim=32)
     tiny = clip_lib.Clip.load(clip_dir, devices=jax.devices()[:1], image_chunk=int(config.clip.batch_size))
     for n in threads:

@@ -206,10 +206,10 @@ class Clip:
   def num_params(self) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.params))
 
-  def _chunked(self, fn, arrays: Sequence[np.ndarray], chunk: int) -> np.ndarray:
-    """`fn(params, *chunks)` over fixed-size chunks of `arrays` (the last zero-padded), joined."""
+  def _dispatch(self, fn, arrays: Sequence[np.ndarray], chunk: int):
+    """Yields `fn(params, *chunks)` over fixed-size chunks of `arrays` (the last zero-padded),
+    each dispatched as it is reached, not read back."""
     n = len(arrays[0])
-    out, pending = [], None
     for start in range(0, max(n, 1), chunk):
       parts = []
       for a in arrays:
@@ -217,12 +217,18 @@ class Clip:
         if len(part) < chunk:
           part = np.concatenate([part, np.zeros((chunk - len(part),) + a.shape[1:], a.dtype)])
         parts.append(jax.device_put(part, self._batch))
-      result = fn(self.params, *parts)  # dispatched; read back after the next one is queued
+      yield fn(self.params, *parts)
+
+  def _chunked(self, fn, arrays: Sequence[np.ndarray], chunk: int) -> np.ndarray:
+    """`fn(params, *chunks)` over fixed-size chunks of `arrays`, joined; each chunk is read back
+    after the next one is queued."""
+    out, pending = [], None
+    for result in self._dispatch(fn, arrays, chunk):
       if pending is not None:
         out.append(np.asarray(pending))
       pending = result
     out.append(np.asarray(pending))
-    return np.concatenate(out)[:n].astype(np.float32)
+    return np.concatenate(out)[:len(arrays[0])].astype(np.float32)
 
   def encode_images(self, pixels_BCHW: np.ndarray) -> np.ndarray:
     """Projected image embeddings (B, E), float32, unnormalised."""
@@ -232,14 +238,8 @@ class Clip:
     """Dispatches `encode_images` and returns a function that reads the embeddings back, so a
     caller can queue the next batch before it waits for this one (extraction does)."""
     pixels = np.asarray(pixels_BCHW, np.float32)
-    n, results = len(pixels), []
-    for start in range(0, max(n, 1), self.image_chunk):
-      part = pixels[start:start + self.image_chunk]
-      if len(part) < self.image_chunk:
-        part = np.concatenate([part, np.zeros((self.image_chunk - len(part),) + pixels.shape[1:],
-                                              np.float32)])
-      results.append(self._images(self.params, jax.device_put(part, self._batch)))
-    return lambda: np.concatenate([np.asarray(r) for r in results])[:n].astype(np.float32)
+    results = list(self._dispatch(self._images, [pixels], self.image_chunk))
+    return lambda: np.concatenate([np.asarray(r) for r in results])[:len(pixels)].astype(np.float32)
 
   def encode_image_files(self, paths: Sequence[str]) -> np.ndarray:
     """`encode_images` of image files, decoded one chunk at a time (raises images.BadImage)."""

@@ -66,6 +66,7 @@ import numpy as np
 import optax
 
 from pdiff_jax import clip as clip_lib
+from pdiff_jax.data import shapes
 from pdiff_jax.data.images import load_image
 
 log = logging.getLogger(__name__)
@@ -83,24 +84,19 @@ def _info_nce(out) -> jax.Array:
 # first in shapes.COLORS to the other), and per colour the shape and the size of its object
 # (0 = no object of that colour).
 def _label_layout():
-  from pdiff_jax.data import shapes
   colours = list(shapes.COLORS)
-  return ([("count", 2), ("side", len(SIDES)), ("relation", len(shapes.INVERSE))]
+  return ([("count", 2), ("side", len(shapes.SIDES)), ("relation", len(shapes.INVERSE))]
           + [(f"shape_{c}", 1 + len(shapes.SHAPES)) for c in colours]
           + [(f"size_{c}", 1 + len(shapes.SIZES)) for c in colours])
 
 
-SIDES = ("left", "right", "top", "bottom")
-
-
 def attribute_labels(attrs: dict) -> np.ndarray:
   """The attribute head's integer labels of one shapes image (-1 where a label does not apply)."""
-  from pdiff_jax.data import shapes
   colours, objs = list(shapes.COLORS), attrs["objects"]
   ncol = len(colours)
   y = np.full(3 + 2 * ncol, 0, np.int32)
   y[0] = len(objs) - 1
-  y[1] = SIDES.index(attrs["side"]) if "side" in attrs else -1
+  y[1] = shapes.SIDES.index(attrs["side"]) if "side" in attrs else -1
   y[2] = -1
   if "relation" in attrs:
     a, b = objs
@@ -184,10 +180,11 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, steps // 10 + 1), steps)
   tx = optax.adamw(schedule, weight_decay=0.1)
   use_head = attributes is not None
-  labels = np.stack([attribute_labels(a) for a in attributes]) if use_head else \
-      np.zeros((len(pixels), 1), np.int32)
-  params = {"clip": clip.params,
-            "head": jnp.zeros((projection_dim, sum(k for _, k in _label_layout())) if use_head else (0,))}
+  params = {"clip": clip.params}
+  labels = np.zeros((len(pixels), 0), np.int32)  # sliced per batch like the ids; empty without a head
+  if use_head:
+    labels = np.stack([attribute_labels(a) for a in attributes])
+    params["head"] = jnp.zeros((projection_dim, sum(k for _, k in _label_layout())))
   opt_state = tx.init(params)
 
   def loss_fn(params, pix, ids, mask, labels):
@@ -232,7 +229,6 @@ def feature_probe(train_features: np.ndarray, train_attrs: list[dict], test_feat
   probes (on the standardised features and their squares) trained on the train split, for the
   number of objects, the side of a single object, the relation of two, and the shape and size of
   the object of each colour (averaged over colours). Chance: 50%, 25%, 25%, 25%, 50%."""
-  from pdiff_jax.data import shapes
   mean, std = train_features.mean(0), train_features.std(0) + 1e-6
   def design(f):
     z = (np.asarray(f, np.float64) - mean) / std
@@ -252,7 +248,7 @@ def feature_probe(train_features: np.ndarray, train_attrs: list[dict], test_feat
     return lambda a: next((values.index(o[key]) for o in a["objects"] if o["color"] == colour), -1)
   return {
       "count": accuracy(lambda a: len(a["objects"]) - 1),
-      "side": accuracy(lambda a: SIDES.index(a["side"]) if "side" in a else -1),
+      "side": accuracy(lambda a: shapes.SIDES.index(a["side"]) if "side" in a else -1),
       "relation": accuracy(lambda a: list(shapes.INVERSE).index(a["relation"]) if "relation" in a else -1),
       "shape": float(np.mean([accuracy(of_colour("shape", shapes.SHAPES, c)) for c in shapes.COLORS])),
       "size": float(np.mean([accuracy(of_colour("size", shapes.SIZES, c)) for c in shapes.COLORS])),

@@ -97,13 +97,16 @@ SUMMARY_HEADS = {"grammatical": "grammatical", "exactly_right": "exactly right",
 
 
 def summary_table(variants: dict[str, dict], keys: Sequence[str] = ("CIDEr", "BLEU-4", "Div-2", *EXACT_KEYS)) -> str:
-  """An HTML table, one row per variant (e.g. the model and its controls), fractions as %."""
+  """An HTML table, one row per variant (e.g. the model and its controls): fractions as %, and
+  CIDEr / BLEU x 100 as usual; the diversity ratios (Div-n) as they are, like the papers'."""
   e = html.escape
   keys = [k for k in keys if any(m.get(k) is not None for m in variants.values())]
   head = "".join(f"<th>{e(SUMMARY_HEADS.get(k, k))}</th>" for k in keys)
-  def cell(v):
-    return "n/a" if v is None else f"{100 * v:.1f}"
-  rows = "".join(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{cell(m.get(k))}</td>" for k in keys) + "</tr>"
+  def cell(k, v):
+    if v is None:
+      return "n/a"
+    return f"{v:.3f}" if k.startswith("Div-") else f"{100 * v:.1f}"
+  rows = "".join(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{cell(k, m.get(k))}</td>" for k in keys) + "</tr>"
                  for name, m in variants.items())
   return f"<table class='summary'><tr><th></th>{head}</tr>{rows}</table>"
 

@@ -147,11 +147,13 @@ def test_report_with_a_summary_first_marks_exact_and_ungrammatical_candidates():
               "candidates": [{"caption": "a red circle", "score": 0.9, "grammatical": True, "exactly_right": True},
                              {"caption": "a blue circle", "score": 0.8, "grammatical": True, "exactly_right": False},
                              {"caption": "red red", "score": 0.7, "grammatical": False, "exactly_right": False}]}]
-  variants = {"model": {"CIDEr": 2.0, "exactly_right": 0.5, "grammatical": 1.0},
+  variants = {"model": {"CIDEr": 2.0, "Div-2": 0.4204, "exactly_right": 0.5, "grammatical": 1.0},
               "shuffled_features": {"CIDEr": 0.5, "exactly_right": 0.0, "grammatical": 0.9}}
   page = report.render("t", {"CIDEr": 2.0}, entries, preface="<h2>Summary</h2>" + report.summary_table(variants))
   assert page.index("<h2>Summary</h2>") < page.index("<h2>Captions") < page.index("<h2>Metrics")
-  assert "<td>model</td><td>200.0</td><td>100.0</td><td>50.0</td>" in page  # CIDEr, grammatical, exact
+  # CIDEr x 100, Div-2 a ratio, grammatical and exactly right in %; n/a where a variant lacks one
+  assert "<td>model</td><td>200.0</td><td>0.420</td><td>100.0</td><td>50.0</td>" in page
+  assert "<td>shuffled_features</td><td>50.0</td><td>n/a</td>" in page
   items = page[page.index("<ol>"):page.index("</ol>")].split("<li")[1:]
   assert "chosen" in items[0] and "exactly right</span>" in items[0]
   assert "exactly right</span>" not in items[1] and "ungrammatical" not in items[1]

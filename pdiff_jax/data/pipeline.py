@@ -5,8 +5,8 @@ epoch drawn from (seed, epoch), so the samples of global batch `step` are a pure
 the step: resuming needs no iterator state. Each process materialises only its own rows of each
 global batch; `sharding.global_batch` joins them into one array sharded on `data`.
 
-The permutation of an epoch is drawn once and cached (drawing it is O(captions): 8 ms for COCO's
-566k), so a step's host work is a gather of its rows, independent of the split size, and
+The permutation of an epoch is drawn once and cached (drawing it is O(captions): 6-8 ms for
+COCO's 566k on a 2-core CPU), so a step's host work is a gather of its rows, independent of the split size, and
 `Prefetcher` runs that work (and the copy to the devices) in a background thread ahead of the
 step. grain's MapDataset would do the same with a dependency and an iterator state to
 checkpoint; here the batch is already a pure function of the step, so a thread and a queue do.

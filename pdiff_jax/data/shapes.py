@@ -24,6 +24,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "big")
+SIDES = ("left", "right", "top", "bottom")  # where a single object is (`_side`)
 
 ONE = (
     "a {size} {color} {shape} on the {side}",
@@ -145,7 +146,7 @@ def captions_for(attrs: dict, k: int, rng: np.random.Generator) -> list[str]:
 
 def vocabulary() -> list[str]:
   """Every word a caption can contain (the small CLIP's tokenizer makes each one token)."""
-  words = set(COLORS) | set(SHAPES) | set(SIZES) | {"left", "right", "top", "bottom", "of", "above", "below"}
+  words = set(COLORS) | set(SHAPES) | set(SIZES) | set(SIDES) | {"of", "above", "below"}
   for t in ONE + TWO:
     words |= {w for w in t.replace("{", " {").split() if not w.startswith("{")}
   return sorted(words)

@@ -20,7 +20,7 @@ import numpy as np
 
 from pdiff_jax.data import shapes
 
-SIDES = ("left", "right", "top", "bottom")
+SIDES = shapes.SIDES
 RELATIONS = tuple(shapes.INVERSE)
 _SLOT = {"color": shapes.COLORS, "c1": shapes.COLORS, "c2": shapes.COLORS,
          "shape": shapes.SHAPES, "s1": shapes.SHAPES, "s2": shapes.SHAPES,
