@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -41,6 +41,31 @@ def _all_processes(ok: bool) -> bool:
 def abstract_with_shardings(abstract_tree, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_tree, shardings)
+
+
+# Other layouts a checkpoint may be in: (abstract target, convert to the wanted layout) pairs.
+Layouts = Sequence[tuple[Any, Callable[[Any], Any]]]
+
+
+def _error(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _restore_as(read: Callable[[Any], Any], abstract: Any, layouts) -> tuple[Any, str | None]:
+  """(restored tree, None) from `read(abstract)`, or else from the first of `layouts` whose
+  abstract reads, converted; (None, the error against `abstract`) when none does."""
+  try:
+    return read(abstract), None
+  except Exception as e:  # orbax raises many types for unreadable or differently shaped data
+    error = _error(e)
+  for other, convert in layouts:
+    try:
+      restored = read(other)
+    except Exception:  # noqa: BLE001 -- not this layout either; the target's error is reported
+      continue
+    log.info("converting a checkpoint of another parameter layout on restore")
+    return convert(restored), None
+  return None, error
 
 
 class Checkpoints:
@@ -102,9 +127,14 @@ class Checkpoints:
     sync point, through orbax); to be called at every step. False in single-process runs."""
     return self.manager.reached_preemption(step)
 
-  def restore(self, abstract_state: Any, step: int | None = None,
-              move_aside: bool = False) -> tuple[int, Any]:
+  def restore(self, abstract_state: Any, step: int | None = None, move_aside: bool = False,
+              layouts: Layouts = ()) -> tuple[int, Any]:
     """Restores `step` (default: the newest readable one) into the shardings of `abstract_state`.
+
+    `layouts`: other (abstract state, convert) pairs a checkpoint may have been written in (the
+    same model with its parameters laid out otherwise): a step that does not restore as
+    `abstract_state` is tried as each of them, and `convert` turns what restored into the
+    target's layout.
 
     Newer checkpoints that fail to read (corrupt, half-written) are skipped in favour of an older
     one, each with a warning; with `move_aside` (training does this), once an older one has
@@ -118,12 +148,10 @@ class Checkpoints:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     errors, skipped = [], []
     for s in candidates:
-      try:
-        restored = self.manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
-        error = None
-      except Exception as e:  # orbax raises many types for unreadable data
-        restored, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      restored, error = _restore_as(
+          lambda target: self.manager.restore(
+              s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"],
+          abstract_state, layouts)
       if _all_processes(error is None):
         if move_aside:
           for newer in skipped:
@@ -162,9 +190,11 @@ class Checkpoints:
 
 
 def restore_subtree(directory: str, abstract: dict, step: int | None = None,
-                    extras: tuple[str, ...] = ("vocab", "feature_stats")) -> tuple[int, Any, dict]:
+                    extras: tuple[str, ...] = ("vocab", "feature_stats"),
+                    layouts: Layouts = ()) -> tuple[int, Any, dict]:
   """Restores only the named top-level entries of the saved state (e.g. `ema_params`, without
-  the optimizer state) and those of the JSON `extras` saved with it."""
+  the optimizer state) and those of the JSON `extras` saved with it; `layouts` as in
+  `Checkpoints.restore`."""
   if not storage.exists(directory):
     raise CheckpointError(f"{directory}: no checkpoints (train first, or check --workdir)")
   directory = storage.uri(directory)  # orbax needs local paths absolute
@@ -176,18 +206,29 @@ def restore_subtree(directory: str, abstract: dict, step: int | None = None,
     if step is not None and step not in steps:
       raise CheckpointError(f"{directory}: no checkpoint at step {step} (have {steps})")
     step = steps[-1] if step is None else step
-    args = {"state": ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True)}
     present = [n for n in extras if storage.exists(storage.join(directory, str(step), n))]
-    for name in present:
-      args[name] = ocp.args.JsonRestore()
-    try:
+
+    def read(target):
+      args = {"state": ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)}
+      for name in present:
+        args[name] = ocp.args.JsonRestore()
       restored = manager.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:  # orbax raises many types for unreadable data
-      raise CheckpointError(f"{directory}/{step}: unreadable checkpoint "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-                            f"{_SHAPES})") from None
+      # A partial restore hands back the target's own placeholders where the checkpoint lacks
+      # an entry (another layout, say), rather than failing.
+      missing = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(
+          restored["state"]) if isinstance(leaf, jax.ShapeDtypeStruct)]
+      if missing:
+        raise KeyError(f"not in the checkpoint: {', '.join(missing[:3])}"
+                       + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+      return {"state": restored["state"], **{n: restored[n] for n in present}}
+
+    restored, error = _restore_as(read, abstract, tuple(
+        (other, lambda r, convert=convert: {**r, "state": convert(r["state"])})
+        for other, convert in layouts))
+    if error is not None:
+      raise CheckpointError(f"{directory}/{step}: unreadable checkpoint ({error}; {_SHAPES})")
     return step, restored["state"], {n: restored[n] for n in present}
   finally:
     manager.close()

@@ -228,7 +228,7 @@ def _flags_demo(fv: flags.FlagValues) -> None:
                                   flag_values=fv, lock_config=True)
   flags.DEFINE_string("workdir", None, "Where everything goes (resumes if re-run).", flag_values=fv,
                       required=True)
-  flags.DEFINE_boolean("fast", False, "A much smaller run (tests; a couple of minutes).", flag_values=fv)
+  flags.DEFINE_boolean("fast", False, "A much smaller run (tests; about a minute).", flag_values=fv)
 
 
 def _cmd_demo(fv: flags.FlagValues) -> int:

@@ -15,6 +15,7 @@ from pdiff_jax import sampler as sampler_lib
 from pdiff_jax.model import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+GELUS = ("erf", "tanh")  # exact (the original) or the tanh approximation
 LR_SCHEDULES = ("linear", "constant", "cosine")
 
 # Logical parameter/activation axis -> mesh axis. `model` shards heads, FFN and vocabulary;
@@ -82,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.scan_layers = False  # encoder layers as one nn.scan: compile time flat in depth
   c.model.remat = False  # recompute each layer's activations in the backward pass (saves memory)
+  c.model.fused_qkv = False  # q, k, v as one projection (same numbers; checkpoints convert on restore)
+  c.model.gelu = "erf"  # "tanh": the approximation (not the original's); measured in BENCHMARKS.md
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "trunc_cos"
@@ -148,6 +151,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"must be >= data.max_len={config.data.max_len}, got {m.max_position}")
   for key in ("dropout", "attention_dropout"):
     _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}")
+  _check(m.get("gelu", "erf") in GELUS, "model.gelu",
+         f"unknown GELU {m.get('gelu')!r}; expected one of {', '.join(GELUS)}")
   for key in ("dtype", "param_dtype"):
     _check(m[key] in DTYPES, f"model.{key}",
            f"unknown dtype {m[key]!r}; expected one of {', '.join(DTYPES)}")
@@ -217,7 +222,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       max_position=m.max_position, time_embed_dim=m.time_embed_dim, time_hidden=m.time_hidden,
       dropout=m.dropout, attention_dropout=m.attention_dropout, dtype=DTYPES[m.dtype],
       param_dtype=DTYPES[m.param_dtype], scan_layers=bool(m.get("scan_layers", False)),
-      remat=bool(m.get("remat", False)))
+      remat=bool(m.get("remat", False)), fused_qkv=bool(m.get("fused_qkv", False)),
+      gelu=str(m.get("gelu", "erf")))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # A fixed amount of work per stage (steps, never seconds), so that the figures are the same on
 # any machine and a change can be measured against them.
 FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 4000, "train_steps": None}
-FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 100, "train_steps": 200}
+FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 50, "train_steps": 100}
 # Keys of demo_summary.json that depend on the machine and its load; everything else is a
 # function of the code and the seed (tests/test_demo.py runs the fast demo twice to check it).
 TIMING_KEYS = ("seconds", "stage_seconds", "machine")
@@ -42,9 +42,9 @@ def demo_config(base, workdir: str, fast: bool):
   config.clip.model = os.path.join(d, "clip")
   if fast:
     config.train.num_steps = FAST["train_steps"]
-    config.train.checkpoint_every = 100
-    config.train.eval_every = 100
-    config.train.log_every = 50
+    config.train.checkpoint_every = 50
+    config.train.eval_every = 50
+    config.train.log_every = 25
     config.optim.warmup_steps = 20
     config.optim.ema_decay = 0.9
   return config

@@ -24,6 +24,7 @@ from PIL import Image
 from pdiff_jax import checkpoint as ckpt_lib
 from pdiff_jax import clip as clip_lib
 from pdiff_jax import config as config_lib
+from pdiff_jax import model as model_lib
 from pdiff_jax import sampler as sampler_lib
 from pdiff_jax import storage
 from pdiff_jax.data import images as images_lib
@@ -49,11 +50,7 @@ def load_bundle(workdir: str, step: int | None = None,
   except FileNotFoundError:
     raise ckpt_lib.CheckpointError(f"{workdir}: not a training workdir (no config.json)") from None
   model = PrefixDenoiser(config_lib.model_config(config))
-  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *_dummy(config)))["params"]
-  replicated = NamedSharding(Mesh(np.asarray(devices or jax.local_devices()), ("data",)), P())
-  abstract = {"ema_params": jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)}
-  step, state, extras = ckpt_lib.restore_subtree(storage.join(workdir, "checkpoints"), abstract, step)
+  step, ema, extras = restore_ema(workdir, config, step, devices)
   vocab_json = extras.get("vocab")
   if vocab_json is None:
     raise ckpt_lib.CheckpointError(
@@ -66,7 +63,27 @@ def load_bundle(workdir: str, step: int | None = None,
   stats = extras.get("feature_stats")
   if stats is not None:
     stats = (np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32))
-  return Bundle(config, model, {"params": state["ema_params"]}, vocab, step, stats)
+  return Bundle(config, model, {"params": ema}, vocab, step, stats)
+
+
+def restore_ema(workdir: str, config: ml_collections.ConfigDict, step: int | None = None,
+                devices: Sequence[jax.Device] | None = None) -> tuple[int, Any, dict]:
+  """(step, EMA parameters replicated on `devices`, the JSON extras) of `workdir`'s checkpoint;
+  one written with q, k, v in the other layout (`model.fused_qkv`) is converted to `config`'s."""
+  cfg = config_lib.model_config(config)
+  replicated = NamedSharding(Mesh(np.asarray(devices or jax.local_devices()), ("data",)), P())
+
+  def abstract(c):
+    shapes = nn.meta.unbox(jax.eval_shape(PrefixDenoiser(c).init, jax.random.key(0),
+                                          *_dummy(config)))["params"]
+    return {"ema_params": jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)}
+
+  other = (abstract(dataclasses.replace(cfg, fused_qkv=not cfg.fused_qkv)),
+           lambda state: model_lib.fuse_qkv(state, cfg.fused_qkv))
+  step, state, extras = ckpt_lib.restore_subtree(storage.join(workdir, "checkpoints"),
+                                                 abstract(cfg), step, layouts=(other,))
+  return step, state["ema_params"], extras
 
 
 def _dummy(config):

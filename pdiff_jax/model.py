@@ -6,7 +6,8 @@ D hidden size, W word-embedding size, F CLIP feature size, V vocabulary, H heads
 
 Initialisation follows the original PyTorch code, not BERT or Flax defaults (SPEC.md):
 embedding tables N(0, 1); every Linear weight and bias U(+-1/sqrt(fan_in)); LayerNorm
-eps 1e-12; exact (erf) GELU.
+eps 1e-12; exact (erf) GELU (the tanh approximation and a fused q/k/v projection are options,
+off by default).
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ class ModelConfig:
   # time stays flat in depth. `remat` recomputes each layer's activations in the backward pass.
   scan_layers: bool = False
   remat: bool = False
+  # Speed options, off by default (the original's layout and numbers): q, k and v as one
+  # (D, 3, H, K) projection ("qkv", one GEMM instead of three; `fuse_qkv` converts a tree of the
+  # other layout), and GELU by its tanh approximation instead of the exact erf.
+  fused_qkv: bool = False
+  gelu: str = "erf"
 
 
 class Dense(nn.Module):
@@ -135,6 +141,31 @@ def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10000.0) ->
   return emb
 
 
+QKV = ("query", "key", "value")
+
+
+def fuse_qkv(tree, fused: bool):
+  """`tree` (parameters, or any tree shaped like them: EMA, AdamW's moments) in the q/k/v layout
+  `fused` asks for: each attention's "query", "key", "value" Dense stacked into one "qkv" on the
+  axis before the heads (kernel (D, 3, H, K), bias (3, H, K); a leading scanned-layers axis stays
+  first), or split back. The same numbers either way; a tree already in that layout is returned
+  as it is."""
+
+  def convert(node):
+    if fused and all(k in node for k in QKV):
+      rest = {k: v for k, v in node.items() if k not in QKV}
+      return {**rest, "qkv": {p: jnp.stack([node[k][p] for k in QKV], axis=-3)
+                              for p in ("kernel", "bias")}}
+    if not fused and "qkv" in node:
+      rest = {k: v for k, v in node.items() if k != "qkv"}
+      return {**rest, **{k: {p: jnp.take(node["qkv"][p], i, axis=-3) for p in ("kernel", "bias")}
+                         for i, k in enumerate(QKV)}}
+    return node
+
+  is_attention = lambda x: isinstance(x, Mapping) and ("qkv" in x or all(k in x for k in QKV))
+  return jax.tree.map(lambda x: convert(x) if is_attention(x) else x, tree, is_leaf=is_attention)
+
+
 class SelfAttention(nn.Module):
   """BERT self-attention, no mask (every caption and prefix position sees every other)."""
   cfg: ModelConfig
@@ -143,11 +174,14 @@ class SelfAttention(nn.Module):
   def __call__(self, x_BTD, deterministic: bool):
     cfg = self.cfg
     head_dim = cfg.hidden_size // cfg.num_heads
-    proj = lambda name: Dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, name=name)
-    q_BTHK = proj("query")(x_BTD)
-    k_BTHK = proj("key")(x_BTD)
-    v_BTHK = proj("value")(x_BTD)
+    if cfg.fused_qkv:
+      qkv_BT3HK = Dense((3, cfg.num_heads, head_dim), ("embed", None, "heads", "kv"),
+                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="qkv")(x_BTD)
+      q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
+    else:
+      proj = lambda name: Dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"),
+                                dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+      q_BTHK, k_BTHK, v_BTHK = (proj(name)(x_BTD) for name in QKV)
     logits_BHTT = jnp.einsum("bqhk,bthk->bhqt", q_BTHK, k_BTHK) / math.sqrt(head_dim)
     # Softmax in fp32 whatever the compute dtype.
     probs_BHTT = jax.nn.softmax(logits_BHTT.astype(jnp.float32), axis=-1).astype(cfg.dtype)
@@ -172,7 +206,7 @@ class EncoderLayer(nn.Module):
     h_BTF = Dense(cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   name="intermediate")(x_BTD)
     h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
-    h_BTF = jax.nn.gelu(h_BTF, approximate=False)
+    h_BTF = jax.nn.gelu(h_BTF, approximate=cfg.gelu == "tanh")
     h_BTD = Dense(cfg.hidden_size, ("mlp", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   name="output")(h_BTF)
     x_BTD = layer_norm("output_ln", cfg)(x_BTD + drop(h_BTD))

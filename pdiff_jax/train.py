@@ -7,6 +7,7 @@ resumed run is identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -30,6 +31,7 @@ from pdiff_jax import sharding as sharding_lib
 from pdiff_jax import storage
 from pdiff_jax.data import features as features_lib
 from pdiff_jax.data import pipeline
+from pdiff_jax import model as model_lib
 from pdiff_jax.model import PrefixDenoiser, count_params
 
 log = logging.getLogger(__name__)
@@ -109,15 +111,28 @@ def create_state(model, tx, config, mesh, key):
     return init(key), abstract, shardings
 
 
+def other_layouts(config: ml_collections.ConfigDict, mesh, shardings) -> list:
+  """`checkpoint.Layouts` of the state: the same model with q, k, v fused if `config` has them
+  apart, or apart if fused (`model.fused_qkv`), each converted into `shardings` on restore."""
+  fused = bool(config.model.get("fused_qkv", False))
+  other = copy.deepcopy(config)
+  with other.unlocked():
+    other.model.fused_qkv = not fused
+  abstract, other_shardings = state_shardings(make_model(other), make_optimizer(other), other, mesh)
+  convert = jax.jit(lambda state: model_lib.fuse_qkv(state, fused), out_shardings=shardings)
+  return [(ckpt_lib.abstract_with_shardings(abstract, other_shardings), convert)]
+
+
 def restore_state(config, checkpoint_dir: str, devices=None, step: int | None = None):
   """(step, TrainState) from `checkpoint_dir`, laid out on a mesh over `devices` (default: all),
-  whatever mesh wrote it."""
+  whatever mesh or q/k/v layout wrote it."""
   mesh = sharding_lib.make_mesh(config, devices)
   model, tx = make_model(config), make_optimizer(config)
   abstract, shardings = state_shardings(model, tx, config, mesh)
   ckpts = ckpt_lib.Checkpoints(checkpoint_dir)
   try:
-    return ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step)
+    return ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step,
+                         layouts=other_layouts(config, mesh, shardings))
   finally:
     ckpts.close()
 
@@ -395,7 +410,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     log.warning("parameter %s (its mesh axis does not divide it)", line)
   if ckpts.latest_step() is not None:
     start, state = ckpts.restore(ckpt_lib.abstract_with_shardings(abstract, shardings),
-                                 move_aside=True)
+                                 move_aside=True, layouts=other_layouts(config, mesh, shardings))
     log.info("resumed from step %d in %s", start, ckpts.directory)
   else:
     state, _, _ = create_state(model, tx, config, mesh, init_key)

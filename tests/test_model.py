@@ -233,3 +233,58 @@ def test_scanned_layers_equal_the_loop(tiny, remat):
   for a, b in zip(jax.tree.leaves(_stack_layers(g_loop, cfg.num_layers)), jax.tree.leaves(g_scan)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_qkv_is_the_same_function_through_the_layout_mapping(tiny, scan):
+  """`model.fused_qkv`: one (D, 3, H, K) projection. Its own init has the layout `fuse_qkv`
+  maps the three-projection parameters to (and the paper's parameter count), the mapped weights
+  give the same outputs and gradients (mapped back, the original layout's exactly), and the
+  mapping is lossless both ways."""
+  cfg, m, params = tiny
+  if scan:
+    cfg = ModelConfig(**{**cfg.__dict__, "scan_layers": True})
+    m, params = PrefixDenoiser(cfg), _stack_layers(params, cfg.num_layers)
+  fused_cfg = ModelConfig(**{**cfg.__dict__, "fused_qkv": True})
+  mf = PrefixDenoiser(fused_cfg)
+  fused = model_lib.fuse_qkv(params, True)
+  own = nn.meta.unbox(_init(fused_cfg)[1])
+  assert jax.tree.structure(own) == jax.tree.structure(fused)
+  assert jax.tree.map(jnp.shape, own) == jax.tree.map(jnp.shape, fused)
+  attention = fused["params"]["layers" if scan else "layer_0"]["attention"]
+  assert set(attention) == {"qkv", "out"}
+  np.testing.assert_array_equal(attention["qkv"]["kernel"][..., 1, :, :],
+                                params["params"]["layers" if scan else "layer_0"]["attention"]["key"]["kernel"])
+  jax.tree.map(np.testing.assert_array_equal, model_lib.fuse_qkv(fused, False), params)
+  jax.tree.map(np.testing.assert_array_equal, model_lib.fuse_qkv(params, False), params)
+  full = config_lib.model_config(load_config("paper_coco", **{"model.fused_qkv": True}))
+  shapes = jax.eval_shape(PrefixDenoiser(full).init, jax.random.key(0), jnp.zeros((1, 24, 48)),
+                          jnp.zeros((1,)), jnp.zeros((1, 768)))
+  assert model_lib.count_params(nn.meta.unbox(shapes)["params"], full) == 94_948_257
+
+  B = 3
+  x = jax.random.normal(jax.random.key(1), (B, cfg.max_len, cfg.word_dim))
+  t = jnp.array([0.0, 10.0, 99.0])
+  f = jax.random.normal(jax.random.key(2), (B, cfg.feature_dim))
+  np.testing.assert_allclose(jax.jit(mf.apply)(fused, x, t, f), jax.jit(m.apply)(params, x, t, f),
+                             rtol=1e-6, atol=1e-6)
+  loss = lambda model: lambda p: jnp.sum(model.apply(p, x, t, f) ** 2)
+  g = jax.jit(jax.grad(loss(m)))(params)
+  g_fused = model_lib.fuse_qkv(jax.jit(jax.grad(loss(mf)))(fused), False)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_fused)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_tanh_gelu_option(tiny):
+  """`model.gelu=tanh` swaps the FFN's exact erf GELU for the tanh approximation, nothing else:
+  the outputs move by about the approximation's error, and an unknown name is a config error."""
+  cfg, m, params = tiny
+  mt = PrefixDenoiser(ModelConfig(**{**cfg.__dict__, "gelu": "tanh"}))
+  x = jax.random.normal(jax.random.key(1), (2, cfg.max_len, cfg.word_dim))
+  args = (x, jnp.array([3.0, 50.0]), jax.random.normal(jax.random.key(2), (2, cfg.feature_dim)))
+  exact, approx = jax.jit(m.apply)(params, *args), jax.jit(mt.apply)(params, *args)
+  assert 0 < float(jnp.max(jnp.abs(exact - approx))) < 1e-2
+  jaxpr = str(jax.make_jaxpr(lambda p: mt.apply(p, *args))(params))
+  assert "erf" not in jaxpr  # (tanh is in the model anyway, in its up and down projections)
+  with pytest.raises(config_lib.ConfigError, match="model.gelu"):
+    config_lib.validate(load_config("tiny", **{"model.gelu": "relu"}))

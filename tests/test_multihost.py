@@ -29,47 +29,38 @@ def test_launch_script_syntax_and_dry_run():
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one_and_past_a_corrupt_checkpoint(tmp_path):
   """2 processes x 2 devices == 1 process x 4 devices (same global batch), and the 2-process
-  checkpoint restores in a single process."""
-  args = ["train", "--config=configs/tiny.py", "--config.train.num_steps=6",
-          "--config.train.checkpoint_every=6", "--config.train.eval_every=1000"]
+  checkpoint restores in a single process. Then the 2-process run's step 4 is corrupted: both
+  processes resume from 2, process 0 moves 4 aside, and the run trains through 4 to 6.
+  (One test: the second half goes on from the first's workdir, saving a 2-process start-up.)"""
+  from test_train import corrupt_checkpoint
+  args = ["train", "--config=configs/tiny.py", "--config.train.checkpoint_every=2",
+          "--config.train.eval_every=1000"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  two = subprocess.run(["bash", LAUNCH, "2", *args, f"--workdir={tmp_path}/two"], cwd=ROOT,
-                       env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                       capture_output=True, text=True, timeout=600)
-  assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+  w = tmp_path / "two"
+  two = lambda steps: subprocess.run(
+      ["bash", LAUNCH, "2", *args, f"--config.train.num_steps={steps}", f"--workdir={w}"], cwd=ROOT,
+      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, capture_output=True,
+      text=True, timeout=600)
+  first = two(4)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   one = subprocess.run([os.path.join(ROOT, ".venv", "bin", "python") if os.path.exists(
       os.path.join(ROOT, ".venv", "bin", "python")) else "python3", "-m", "pdiff_jax", *args,
-                        f"--workdir={tmp_path}/one"], cwd=ROOT,
+                        "--config.train.num_steps=4", f"--workdir={tmp_path}/one"], cwd=ROOT,
                        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
                        capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
-  a, b = _restore(f"{tmp_path}/two", 6), _restore(f"{tmp_path}/one", 6)
-  assert int(a.step) == int(b.step) == 6
+  a, b = _restore(str(w), 4), _restore(f"{tmp_path}/one", 4)
+  assert int(a.step) == int(b.step) == 4
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5),
                a.params, b.params)
   # Only process 0 writes the metrics log.
-  lines = open(f"{tmp_path}/two/metrics.jsonl").read().splitlines()
+  lines = open(w / "metrics.jsonl").read().splitlines()
   assert len(lines) == len(open(f"{tmp_path}/one/metrics.jsonl").read().splitlines())
 
-
-@pytest.mark.slow
-def test_two_processes_train_past_a_corrupt_checkpoint(tmp_path):
-  """2 processes, checkpoints at 2 and 4, step 4 corrupted: both resume from 2, process 0 moves
-  4 aside, and the run trains through 4 to 6."""
-  from test_train import corrupt_checkpoint
-  w = tmp_path / "w"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  run = lambda steps: subprocess.run(
-      ["bash", LAUNCH, "2", "train", "--config=configs/tiny.py", f"--workdir={w}",
-       f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=2",
-       "--config.train.eval_every=1000"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  first = run(4)
-  assert first.returncode == 0, first.stdout[-3000:]
   corrupt_checkpoint(w / "checkpoints" / "4")
-  second = run(6)
+  second = two(6)
   assert second.returncode == 0, second.stdout[-3000:]
   assert "[process 0]" in second.stdout and "moved the unreadable checkpoint of step 4 aside" in second.stdout
   assert "resumed from step 2" in second.stdout

@@ -341,3 +341,51 @@ def test_parameters_that_cannot_split_are_named():
              for l in lines), lines
   assert not any("word_embedding" in l or "intermediate" in l or "head_bias" in l for l in lines)
   assert all("attention" in l for l in lines)
+
+
+def test_a_checkpoint_converts_between_qkv_layouts(tmp_path, monkeypatch):
+  """A workdir trained with q, k, v apart resumes with `model.fused_qkv=True`: the whole state
+  (parameters, AdamW's moments, EMA) restores converted, exactly, into an 8-device mesh whose
+  model axis splits the heads, and training goes on to the same numbers as without the switch
+  (to float rounding: one GEMM instead of three). `pdiff caption`'s loader
+  (`inference.restore_ema`) reads either layout as the other: the old checkpoint as fused, the
+  new fused one as apart."""
+  from pdiff_jax import inference
+  from pdiff_jax import model as model_lib
+  base = {"train.checkpoint_every": 3, "train.log_every": 1, "train.eval_every": 1000,
+          "train.num_steps": 5}
+  config = load_config("tiny", **base)  # q, k, v apart, the default
+  devices = jax.devices()[:1]
+  workdir = str(tmp_path / "w")
+  _crash_at(monkeypatch, 4, config, workdir, devices)  # a checkpoint at step 3
+  same = train.train_and_evaluate(config, str(tmp_path / "same"), devices=devices)
+  first = train.restore_state(config, os.path.join(workdir, "checkpoints"), devices)[1]
+
+  switched = load_config("tiny", **{**base, "mesh.shape": (4, 2)},
+                         **{"model.fused_qkv": True})
+  step, restored = train.restore_state(switched, os.path.join(workdir, "checkpoints"))
+  assert step == 3
+  expected = model_lib.fuse_qkv(jax.device_get(first), True)
+  jax.tree.map(np.testing.assert_array_equal, expected, jax.device_get(restored))
+  qkv = restored.params["layer_0"]["attention"]["qkv"]["kernel"]  # (D, 3, H, K)
+  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None)
+
+  # `pdiff caption`'s loader (config.json still says the old layout; asked for the new one):
+  _, ema, _ = inference.restore_ema(workdir, switched, devices=devices)
+  jax.tree.map(np.testing.assert_array_equal, ema, expected.ema_params)
+
+  resumed = train.train_and_evaluate(switched, workdir)  # 8 devices, the other layout
+  assert int(resumed.step) == 5
+  step, ema, _ = inference.restore_ema(workdir, config, devices=devices)  # the step-5 ckpt, back
+  assert step == 5
+  jax.tree.map(np.testing.assert_array_equal, ema,
+               model_lib.fuse_qkv(jax.device_get(resumed.ema_params), False))
+  apart = lambda state: jax.tree_util.tree_flatten_with_path(
+      model_lib.fuse_qkv(jax.device_get(state.params), False))[0]
+  for (path, a), (_, b) in zip(apart(same), apart(resumed)):
+    if "['key']['bias']" not in jax.tree_util.keystr(path):  # zero gradient: see the test above
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max(),
+                                 err_msg=jax.tree_util.keystr(path))
+  losses = lambda w: [r["loss"] for r in map(json.loads, open(os.path.join(w, "metrics.jsonl")))
+                      if "loss" in r]
+  np.testing.assert_allclose(losses(workdir), losses(tmp_path / "same"), rtol=1e-5)
