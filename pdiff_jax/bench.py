@@ -85,7 +85,8 @@ def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dic
   mesh = sharding_lib.make_mesh(config)
   model, tx = train.make_model(config), train.make_optimizer(config)
   state, _, shardings = train.create_state(model, tx, config, mesh, jax.random.key(0))
-  step = train.jit_train_step(model, tx, config, mesh, shardings)
+  k = int(config.train.get("steps_per_dispatch", 1))  # steps per call: each figure is per step
+  step = train.jit_train_step(model, tx, config, mesh, shardings, k)
   B, L, m = config.train.batch_size, config.data.max_len, config.model
   rng = np.random.default_rng(0)
   # Each process builds only its rows, so the global batch is the configured one on any number
@@ -93,8 +94,11 @@ def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dic
   rows = pipeline.process_rows(B, jax.process_index(), jax.process_count())
   ids = rng.integers(0, m.vocab_size, (B, L)).astype(np.int32)
   feats = rng.standard_normal((B, m.feature_dim)).astype(np.float32)
-  batch = sharding_lib.global_batch({"ids": ids[rows], "features": feats[rows]}, mesh)
-  global_B = int(batch["ids"].shape[0])  # what the step really runs on
+  local = {"ids": ids[rows], "features": feats[rows]}
+  if k > 1:  # the same batch for each of the k steps
+    local = {name: np.stack([v] * k) for name, v in local.items()}
+  batch = sharding_lib.global_batch(local, mesh, stacked=k > 1)
+  global_B = int(batch["ids"].shape[1 if k > 1 else 0])  # what each step really runs on
   if global_B != B:
     raise RuntimeError(f"the global batch has {global_B} rows, not train.batch_size={B}")
   key = jax.random.key(0)
@@ -110,23 +114,24 @@ def bench_train(config, repeats: int = 5, profile_dir: str | None = None) -> dic
       holder["state"], metrics = compiled(holder["state"], batch, key)
       jax.block_until_ready(metrics)
 
-    def run_back_to_back(k: int = 10):  # as `pdiff train` dispatches: no wait between steps
-      for _ in range(k):
+    def run_back_to_back(calls: int = 10):  # as `pdiff train` dispatches: no wait between calls
+      for _ in range(calls):
         holder["state"], metrics = compiled(holder["state"], batch, key)
       jax.block_until_ready(metrics)
 
     run()
-    seconds = _time(run, repeats)
-    back_to_back = _time(run_back_to_back, repeats) / 10
+    seconds = _time(run, repeats) / k
+    back_to_back = _time(run_back_to_back, repeats) / (10 * k)
     flops = model_lib.train_flops_per_example(config_lib.model_config(config)) * B
     out = {"examples_per_sec": B / seconds, "tokens_per_sec": B * L / seconds,
            "flops_per_sec": flops / seconds, "step_seconds": seconds, "compile_seconds": compile_s,
            "back_to_back_step_seconds": back_to_back,
            "back_to_back_examples_per_sec": B / back_to_back,
            "batch_size": int(config.train.batch_size), "global_batch_size": global_B,
+           "steps_per_dispatch": k,
            "processes": jax.process_count()}
     if profile_dir:
-      out["profile"] = _profile(compiled, run, _profile_subdir(profile_dir, "train"), flops)
+      out["profile"] = _profile(compiled, run, _profile_subdir(profile_dir, "train"), flops * k)
   return out
 
 
@@ -230,7 +235,7 @@ def bench_pipeline(config, steps: int = 2000, sizes=(COCO_SPLIT, (COCO_SPLIT[0] 
       copy = (time.perf_counter() - t) / steps
       # As the train loop consumes it: a background thread, two batches ahead.
       t = time.perf_counter()
-      with pipeline.Prefetcher(lambda s: sharding_lib.global_batch(local(s), mesh), 0, steps) as q:
+      with pipeline.Prefetcher(lambda s: sharding_lib.global_batch(local(s), mesh), range(steps)) as q:
         for step in range(steps):
           jax.block_until_ready(q.get(step))
       prefetched = (time.perf_counter() - t) / steps

@@ -111,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 5000
   c.train.eval_batches = 8
   c.train.prefetch = 2  # batches assembled and put on the devices ahead of the step
+  c.train.steps_per_dispatch = 1  # K > 1: K steps per dispatch (lax.scan), the same numbers
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_candidates = 20
@@ -169,6 +170,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.data.get("loader_threads", 8) >= 1, "data.loader_threads",
          f"must be >= 1, got {config.data.get('loader_threads')}")
   _check(t.get("prefetch", 2) >= 1, "train.prefetch", f"must be >= 1, got {t.get('prefetch')}")
+  k = t.get("steps_per_dispatch", 1)
+  _check(k >= 1, "train.steps_per_dispatch", f"must be >= 1, got {k}")
+  for key in ("log_every", "checkpoint_every", "eval_every"):
+    _check(t[key] % k == 0, "train.steps_per_dispatch",
+           f"{k} must divide train.{key}={t[key]} (a dispatch never runs past a log, eval or "
+           "checkpoint step)")
   _check(o.lr >= 0, "optim.lr", f"must be >= 0, got {o.lr}")
   _check(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule",
          f"unknown schedule {o.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")

@@ -99,16 +99,19 @@ def _axis_size(mesh: Mesh, axis) -> int:
   return int(np.prod([mesh.shape[n] for n in names]))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches are split over `data` on their leading axis and replicated over `model`."""
-  return NamedSharding(mesh, P("data"))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  """Batches are split over `data` on their leading axis and replicated over `model`; the
+  batches of several steps stacked on a new leading axis (`stacked`), on their second."""
+  return NamedSharding(mesh, P(None, "data") if stacked else P("data"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's slice into one global array sharded on `data`."""
-  sharding = batch_sharding(mesh)
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
+                 stacked: bool = False) -> dict[str, jax.Array]:
+  """Assembles each process's slice into one global array sharded on `data` (`stacked`: as
+  `batch_sharding`)."""
+  sharding = batch_sharding(mesh, stacked)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

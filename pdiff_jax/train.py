@@ -173,6 +173,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   return TrainState(state.step + 1, params, opt_state, ema), metrics
 
 
+def train_steps(state: TrainState, batches: dict[str, jax.Array], key: jax.Array,
+                **kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+  """K train steps in one dispatch: `train_step` under `lax.scan` over the leading (K,) axis of
+  `batches`; the same steps as K calls (each step's randomness is a function of its number),
+  with each metric stacked to (K,)."""
+  return jax.lax.scan(lambda s, batch: train_step(s, batch, key, **kwargs), state, batches)
+
+
+def dispatches(start: int, total: int, k: int) -> list[tuple[int, int]]:
+  """(first step, number of steps) of each dispatch from `start` to `total`: K steps at a time
+  from multiples of K (so with log, eval and checkpoint intervals multiples of K a dispatch
+  never runs past one), single steps to reach the first multiple and after the last."""
+  out, step = [], start
+  while step < total:
+    n = k if k > 1 and step % k == 0 and step + k <= total else 1
+    out.append((step, n))
+    step += n
+  return out
+
+
 def _guard(guard: dict, metrics: dict, step: jax.Array) -> dict:
   """{"step", "metrics"} of the first step whose metrics were not all finite (step -1 while
   none): updated on the device each step, read by the host only at log and checkpoint steps."""
@@ -183,17 +203,27 @@ def _guard(guard: dict, metrics: dict, step: jax.Array) -> dict:
                                   guard["metrics"])}
 
 
+def _guard_steps(guard: dict, metrics_K: dict, step: jax.Array) -> dict:
+  """`_guard` over the stacked metrics of the K steps that ended at `step`."""
+  k = jax.tree.leaves(metrics_K)[0].shape[0]
+  for i in range(k):
+    guard = _guard(guard, jax.tree.map(lambda x: x[i], metrics_K), step - (k - 1 - i))
+  return guard
+
+
 def eval_step(params, batch, key, *, model, schedule):
   return loss_fn(params, batch, key, model=model, schedule=schedule, train=False)[1]
 
 
-def jit_train_step(model, tx, config, mesh, shardings) -> Callable:
+def jit_train_step(model, tx, config, mesh, shardings, k: int = 1) -> Callable:
+  """The jitted, sharded `train_step` (state donated); with `k` > 1, `train_steps` over
+  batches stacked on a leading (k,) axis."""
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                           lr_schedule=make_lr_schedule(config),
+  step = functools.partial(train_step if k == 1 else train_steps, model=model, tx=tx,
+                           schedule=schedule, lr_schedule=make_lr_schedule(config),
                            ema_decay=config.optim.ema_decay)
   step = sharding_lib.with_rules(step, sharding_lib.rules(config))
-  return jax.jit(step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh),
+  return jax.jit(step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh, stacked=k > 1),
                                      sharding_lib.replicated(mesh)),
                  out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
 
@@ -417,7 +447,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     start = 0
 
   keeper.beat()  # start-up (downloading features, restoring) may take minutes
+  k = int(config.train.get("steps_per_dispatch", 1))
   p_train_step = jit_train_step(model, tx, config, mesh, shardings)
+  p_train_steps = jit_train_step(model, tx, config, mesh, shardings, k) if k > 1 else None
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
   p_eval_step = jax.jit(sharding_lib.with_rules(functools.partial(eval_step, model=model,
                                                                   schedule=schedule),
@@ -438,7 +470,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
                                  jax.process_count())
     return sharding_lib.global_batch(local, mesh)
 
+  def batches_at(step: int, n: int):
+    if n == 1:
+      return batch_at(train_split, step)
+    local = [pipeline.local_batch(train_split, step + i, t.batch_size, config.seed,
+                                  jax.process_index(), jax.process_count()) for i in range(n)]
+    return sharding_lib.global_batch({key: np.stack([b[key] for b in local]) for key in local[0]},
+                                     mesh, stacked=True)
+
   p_guard = jax.jit(_guard, out_shardings=sharding_lib.replicated(mesh))
+  p_guard_steps = jax.jit(_guard_steps, out_shardings=sharding_lib.replicated(mesh))
+  last = jax.jit(lambda metrics_K: jax.tree.map(lambda x: x[-1], metrics_K))
 
   def read_guard(guard) -> None:
     """Raises TrainingDiverged if a step so far had a non-finite metric (a device read)."""
@@ -467,16 +509,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   # The host never waits on the device between log steps: batches are built and copied ahead
   # (pipeline.Prefetcher), the finiteness check stays on the device (`_guard`), and the metrics
   # of a log step are read one step later, while the next step runs.
+  # With train.steps_per_dispatch = K > 1, K steps run per dispatch (`train_steps`).
   logged, guard, t_start = None, None, time.perf_counter()
-  batches = pipeline.Prefetcher(lambda step: batch_at(train_split, step), start, total,
+  plan = dispatches(start, total, k)
+  sizes = dict(plan)
+  batches = pipeline.Prefetcher(lambda step: batches_at(step, sizes[step]), [s for s, _ in plan],
                                 depth=int(t.get("prefetch", 2)))
   try:
     with jax.set_mesh(mesh):
-      for step in range(start, total):
-        state, metrics = p_train_step(state, batches.get(step), step_key)
+      for step, n in plan:
+        if n == 1:
+          state, metrics = p_train_step(state, batches.get(step), step_key)
+        else:
+          state, metrics_K = p_train_steps(state, batches.get(step), step_key)
+          metrics = last(metrics_K)
         if guard is None:
           guard = {"step": jnp.int32(-1), "metrics": jax.tree.map(jnp.zeros_like, metrics)}
-        guard = p_guard(guard, metrics, state.step)
+        guard = p_guard(guard, metrics, state.step) if n == 1 else p_guard_steps(guard, metrics_K,
+                                                                                  state.step)
         if step == start:  # keep compilation out of the steps/s figures
           jax.block_until_ready(metrics)
           log.info("first step (with compilation) took %.1f s", time.perf_counter() - t_start)
@@ -484,7 +534,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
         if logged is not None:
           write_log(*logged)
           logged = None
-        done = step + 1
+        done = step + n
         if done % t.log_every == 0 or done == total:
           logged = (done, metrics, guard)
         # Read once: a signal arriving later is handled next step. With several processes a

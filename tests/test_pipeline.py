@@ -59,7 +59,7 @@ def test_epoch_permutation_is_drawn_once_and_read_only():
 def test_prefetcher_gives_the_inline_batches_in_order():
   split = _split(30)
   make = lambda step: pipeline.local_batch(split, step, 8, seed=4)
-  with pipeline.Prefetcher(make, 3, 40, depth=2) as batches:
+  with pipeline.Prefetcher(make, range(3, 40), depth=2) as batches:
     for step in range(3, 40):
       got, want = batches.get(step), make(step)
       for key in ("ids", "features"):
@@ -76,19 +76,19 @@ def test_prefetcher_raises_the_error_of_make_and_stops_early():
       raise OSError(f"feature file unreadable at step {step}")
     return step
 
-  with pipeline.Prefetcher(make, 0, 10, depth=1) as batches:
+  with pipeline.Prefetcher(make, range(10), depth=1) as batches:
     assert [batches.get(s) for s in range(4)] == [0, 1, 2, 3]
     with pytest.raises(OSError, match="unreadable at step 4"):
       batches.get(4)
   assert calls == [0, 1, 2, 3, 4]  # nothing after the error
   # Closed before the end (a preemption stop): the thread ends, having run at most depth ahead.
   started = []
-  with pipeline.Prefetcher(lambda s: started.append(s) or s, 0, 10_000, depth=2) as batches:
+  with pipeline.Prefetcher(lambda s: started.append(s) or s, range(10_000), depth=2) as batches:
     assert batches.get(0) == 0
   assert not any(t.name == "pdiff-prefetch" and t.is_alive() for t in threading.enumerate())
   assert len(started) <= 4
   with pytest.raises(ValueError, match="depth must be >= 1"):
-    pipeline.Prefetcher(lambda s: s, 0, 1, depth=0)
+    pipeline.Prefetcher(lambda s: s, range(1), depth=0)
 
 
 def _free_port():

@@ -389,3 +389,53 @@ def test_a_checkpoint_converts_between_qkv_layouts(tmp_path, monkeypatch):
   losses = lambda w: [r["loss"] for r in map(json.loads, open(os.path.join(w, "metrics.jsonl")))
                       if "loss" in r]
   np.testing.assert_allclose(losses(workdir), losses(tmp_path / "same"), rtol=1e-5)
+
+
+def test_k_steps_per_dispatch_equal_k_single_steps(tmp_path, monkeypatch):
+  """`train.steps_per_dispatch=K`: K steps in one `lax.scan` give the numbers of K single steps
+  (state and every step's metrics), on one device and sharded; a run dispatching K at a time
+  (resumed from a checkpoint at a step that is not a multiple of K, so single steps realign it)
+  writes the same metrics and state as the run stepping one at a time; K must divide the log,
+  eval and checkpoint intervals."""
+  assert train.dispatches(0, 10, 4) == [(0, 4), (4, 4), (8, 1), (9, 1)]
+  assert train.dispatches(3, 10, 4) == [(3, 1), (4, 4), (8, 1), (9, 1)]
+  assert train.dispatches(0, 5, 1) == [(i, 1) for i in range(5)]
+  with pytest.raises(config_lib.ConfigError, match="train.steps_per_dispatch.*train.log_every=10"):
+    config_lib.validate(load_config("tiny", **{"train.steps_per_dispatch": 4}))
+
+  for mesh_shape, devices in (((1, 1), jax.devices()[:1]), ((4, 2), jax.devices())):
+    config = load_config("tiny", **{"mesh.shape": mesh_shape})
+    mesh = sharding_lib.make_mesh(config, devices)
+    model, tx = train.make_model(config), train.make_optimizer(config)
+    split, _, _ = train.load_splits(config)
+    local = [pipeline.local_batch(split, s, config.train.batch_size, config.seed) for s in range(4)]
+    one = train.jit_train_step(model, tx, config, mesh, train.state_shardings(model, tx, config, mesh)[1])
+    four = train.jit_train_step(model, tx, config, mesh, train.state_shardings(model, tx, config, mesh)[1], 4)
+    with jax.set_mesh(mesh):
+      state = train.create_state(model, tx, config, mesh, jax.random.key(0))[0]
+      singles = []
+      for b in local:
+        state, m = one(state, sharding_lib.global_batch(b, mesh), jax.random.key(7))
+        singles.append(jax.device_get(m))
+      stacked = sharding_lib.global_batch({k: np.stack([b[k] for b in local]) for k in local[0]}, mesh,
+                                          stacked=True)
+      state4, m4 = four(train.create_state(model, tx, config, mesh, jax.random.key(0))[0], stacked,
+                        jax.random.key(7))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(state4))
+    for i, m in enumerate(singles):
+      for name, v in m.items():
+        np.testing.assert_array_equal(np.asarray(m4[name])[i], v, err_msg=name)
+
+  over = {"train.num_steps": 12, "train.log_every": 4, "train.checkpoint_every": 4,
+          "train.eval_every": 4}
+  devices = jax.devices()[:1]
+  plain = train.train_and_evaluate(load_config("tiny", **over), str(tmp_path / "plain"), devices=devices)
+  w = str(tmp_path / "k4")
+  _crash_at(monkeypatch, 3, load_config("tiny", **{**over, "train.checkpoint_every": 1}), w, devices)
+  assert ckpt_lib.Checkpoints(os.path.join(w, "checkpoints")).latest_step() == 3  # not a multiple of 4
+  resumed = train.train_and_evaluate(load_config("tiny", **over, **{"train.steps_per_dispatch": 4}), w,
+                                     devices=devices)  # dispatches (3, 1), (4, 4), (8, 4)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(plain), jax.device_get(resumed))
+  read = lambda d: [{k: v for k, v in r.items() if k != "steps_per_sec"}
+                    for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]
+  assert read(w) == read(tmp_path / "plain")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from typing import Callable, Generic, NamedTuple, TypeVar
+from typing import Callable, Generic, Iterable, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -76,19 +76,21 @@ def local_batch(split: CaptionSplit, step: int, batch_size: int, seed: int,
 
 
 class Prefetcher(Generic[T]):
-  """`make(step)` for step = start, start + 1, ... < stop, computed in a background thread up to
-  `depth` steps ahead; `get(step)` returns them in order (an error in `make` is raised there).
+  """`make(step)` for each step of `steps` (e.g. `range(start, stop)`; a training loop that
+  dispatches several steps at once gives the first step of each), computed in a background
+  thread up to `depth` ahead; `get(step)` returns them in order (an error in `make` is raised
+  there).
 
   `make` must be a pure function of the step (as `local_batch` is), so the batches are exactly
   those an inline loop would build; use as a context manager so the thread stops with the loop.
   """
 
-  def __init__(self, make: Callable[[int], T], start: int, stop: int, depth: int = 2):
+  def __init__(self, make: Callable[[int], T], steps: Iterable[int], depth: int = 2):
     if depth < 1:
       raise ValueError(f"prefetch depth must be >= 1, got {depth}")
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stopping = threading.Event()
-    self._thread = threading.Thread(target=self._run, args=(make, start, stop), daemon=True,
+    self._thread = threading.Thread(target=self._run, args=(make, steps), daemon=True,
                                     name="pdiff-prefetch")
     self._thread.start()
 
@@ -101,9 +103,9 @@ class Prefetcher(Generic[T]):
         continue
     return False
 
-  def _run(self, make, start, stop) -> None:
+  def _run(self, make, steps) -> None:
     try:
-      for step in range(start, stop):
+      for step in steps:
         if not self._put((step, make(step), None)):
           return
     except BaseException as e:  # noqa: BLE001 -- handed to the consumer, raised in get()
