@@ -106,3 +106,13 @@ def test_bench_extract_times_host_path_and_extract_per_thread_count(tmp_path, cl
   assert r["host_speedup"] == pytest.approx(
       r["threads"]["2"]["host_images_per_sec"] / r["threads"]["1"]["host_images_per_sec"])
   assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_train_with_k_steps_per_dispatch_reports_per_step():
+  """With train.steps_per_dispatch=K the bench times K-step calls and reports per step: the
+  figures agree with each other as for K = 1 and the run says its K."""
+  from pdiff_jax import bench
+  out = bench.bench_train(load_config("tiny", **{"train.steps_per_dispatch": 2}), repeats=1)
+  assert out["steps_per_dispatch"] == 2 and out["global_batch_size"] == 16
+  assert out["examples_per_sec"] == pytest.approx(16 / out["step_seconds"])
+  assert 0 < out["back_to_back_step_seconds"] < 10 * out["step_seconds"]

@@ -403,7 +403,7 @@ def test_k_steps_per_dispatch_equal_k_single_steps(tmp_path, monkeypatch):
   with pytest.raises(config_lib.ConfigError, match="train.steps_per_dispatch.*train.log_every=10"):
     config_lib.validate(load_config("tiny", **{"train.steps_per_dispatch": 4}))
 
-  for mesh_shape, devices in (((1, 1), jax.devices()[:1]), ((4, 2), jax.devices())):
+  for mesh_shape, devices in (((4, 2), jax.devices()),):  # (the loop below runs on one device)
     config = load_config("tiny", **{"mesh.shape": mesh_shape})
     mesh = sharding_lib.make_mesh(config, devices)
     model, tx = train.make_model(config), train.make_optimizer(config)
