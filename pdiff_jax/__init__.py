@@ -3,16 +3,17 @@
 `Captioner.from_workdir(DIR).caption(images)` captions images with a trained model. The pure
 pieces researchers compose: the network (`PrefixDenoiser`, `ModelConfig`), the diffusion
 (`make_schedule`, `q_sample`, `training_losses`), the sampler (`sample_tokens`,
-`make_sampling_schedule`) and the training step (`train.train_step`, `train.create_state`).
+`sample_chain`, `make_sampling_schedule`, and the solvers `ddim`, `dpm_solver_2m`: each a `Solver`) and the training step (`train.train_step`, `train.create_state`).
 Commands live in `pdiff_jax.cli` (`pdiff ...`).
 """
 
 from pdiff_jax.diffusion import Schedule, make_schedule, q_sample, training_losses
 from pdiff_jax.inference import Captioner, load_bundle
 from pdiff_jax.model import ModelConfig, PrefixDenoiser
-from pdiff_jax.sampler import make_sampling_schedule, sample_tokens
+from pdiff_jax.sampler import (Solver, ddim, dpm_solver_2m, make_sampling_schedule, sample_chain,
+                               sample_tokens)
 
-__all__ = ["Captioner", "ModelConfig", "PrefixDenoiser", "Schedule", "load_bundle",
-           "make_sampling_schedule", "make_schedule", "q_sample", "sample_tokens",
-           "training_losses"]
+__all__ = ["Captioner", "ModelConfig", "PrefixDenoiser", "Schedule", "Solver", "ddim",
+           "dpm_solver_2m", "load_bundle", "make_sampling_schedule", "make_schedule", "q_sample",
+           "sample_chain", "sample_tokens", "training_losses"]
 __version__ = "0.1.0"

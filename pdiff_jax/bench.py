@@ -145,7 +145,8 @@ def bench_sample(config, repeats: int = 3, profile_dir: str | None = None) -> di
   sched = sampler_lib.make_sampling_schedule(config.diffusion.schedule, config.diffusion.num_steps,
                                              steps, s.mode)
   fn = jax.jit(functools.partial(sampler_lib.sample_tokens, model, sched=sched, eta=float(s.eta),
-                                 clamp=bool(s.clamp)))
+                                 clamp=bool(s.clamp),
+                                 solver=sampler_lib.make_solver(s.get("solver", "ddim"), float(s.eta))))
   feats = jax.random.normal(jax.random.key(1), (images, cfg.feature_dim))
   keys = sampler_lib.candidate_keys(0, jnp.arange(images), n)
   t = time.perf_counter()

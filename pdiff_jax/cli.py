@@ -129,6 +129,9 @@ def _sampling_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same captions.", flag_values=fv)
   flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default: sampler.eta).", lower_bound=0.0,
                      upper_bound=1.0, flag_values=fv)
+  from pdiff_jax.sampler import SOLVERS
+  flags.DEFINE_enum("solver", None, list(SOLVERS), "Sampling solver (default: sampler.solver; "
+                    "ddim is the original's).", flag_values=fv)
 
 
 def _flags_caption(fv: flags.FlagValues) -> None:
@@ -146,6 +149,8 @@ def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:
   if not images:
     raise UsageError("name at least one image file")
   captioner = Captioner.from_workdir(fv.workdir, step=fv.step)
+  if fv.solver:
+    captioner.bundle.config.sampler.solver = fv.solver
   readable, failed = [], 0
   for path in images:
     try:
@@ -180,8 +185,14 @@ def _flags_eval(fv: flags.FlagValues) -> None:
 def _cmd_eval(fv: flags.FlagValues) -> int:
   from pdiff_jax import evaluate
   _use_compilation_cache(fv)
+  captioner = None
+  if fv.solver:
+    from pdiff_jax.inference import Captioner
+    captioner = Captioner.from_workdir(fv.workdir)
+    captioner.bundle.config.sampler.solver = fv.solver
   evaluate.evaluate(fv.workdir, fv.split, fv.num_candidates, fv.steps, fv.seed, fv.eta,
-                    sweep=fv.sweep, max_images=fv.max_images, report_thumbnails=fv.report_thumbnails)
+                    sweep=fv.sweep, max_images=fv.max_images, report_thumbnails=fv.report_thumbnails,
+                    captioner=captioner)
   return 0
 
 

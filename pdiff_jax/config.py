@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.eta = 1.0  # DDIM eta: 1 = ancestral (the original), 0 = deterministic
   c.sampler.mode = "rediscretise"  # the original's fresh T_sample schedule; or "respace"
   c.sampler.clamp = True  # replace x0_hat by the nearest word embedding at every step
+  c.sampler.solver = "ddim"  # the original's; or "dpm++2m" (DPM-Solver++(2M), deterministic)
   c.sampler.batch_size = 8  # images per sampling call (each with num_candidates chains)
   c.sampler.rerank_clip = ""  # CLIP for reranking; empty = clip.model
 
@@ -197,6 +198,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.data.feature_dtype in ("float32", "float16"), "data.feature_dtype",
          f"must be float32 or float16, got {config.data.feature_dtype!r}")
   _check(config.clip.batch_size >= 1, "clip.batch_size", f"must be >= 1, got {config.clip.batch_size}")
+  _check(config.sampler.get("solver", "ddim") in sampler_lib.SOLVERS, "sampler.solver",
+         f"unknown solver {config.sampler.get('solver')!r}; expected one of "
+         f"{', '.join(sampler_lib.SOLVERS)}")
   _check(config.sampler.mode in sampler_lib.MODES, "sampler.mode",
          f"unknown mode {config.sampler.mode!r}; expected one of {', '.join(sampler_lib.MODES)}")
   _check(config.sampler.batch_size >= 1, "sampler.batch_size",

@@ -178,7 +178,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
     metrics.update(mark_exact(entries, [truth[e["image_id"]] for e in entries]))
   metrics.update({
       "trainable_params": model_lib.count_params(captioner.bundle.params, captioner.bundle.model.cfg),
-      "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, "eta": eta, "seed": seed,
+      "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, "solver": s.get("solver", "ddim"), "eta": eta, "seed": seed,
       "split": split, "checkpoint_step": captioner.bundle.step, "rerank_clip": captioner.rerank_clip.name,
   })
 

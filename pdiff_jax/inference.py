@@ -149,17 +149,20 @@ class Captioner:
   # -- the pure pieces, for people composing their own loops --------------------------------
 
   def sample_fn(self, steps: int, eta: float, mode: str | None = None, clamp: bool | None = None):
-    """A jitted `f(params, features_BF, keys_BN) -> token ids (B, N, L)`, batch sharded on data."""
+    """A jitted `f(params, features_BF, keys_BN) -> token ids (B, N, L)`, batch sharded on data;
+    the solver is the config's `sampler.solver`."""
     s = self.bundle.config.sampler
     mode = mode or s.mode
     clamp = s.clamp if clamp is None else clamp
-    key = (steps, float(eta), mode, bool(clamp))
+    solver = s.get("solver", "ddim")
+    key = (steps, float(eta), mode, bool(clamp), solver)
     if key not in self._samplers:
       d = self.bundle.config.diffusion
       sched = sampler_lib.make_sampling_schedule(d.schedule, d.num_steps, steps, mode)
       batch = NamedSharding(self.mesh, P("data"))
       fn = functools.partial(sampler_lib.sample_tokens, self.bundle.model, sched=sched,
-                             eta=float(eta), clamp=bool(clamp))
+                             eta=float(eta), clamp=bool(clamp),
+                             solver=sampler_lib.make_solver(solver, float(eta)))
       self._samplers[key] = jax.jit(lambda p, f, k: fn(p, f, k),
                                     in_shardings=(NamedSharding(self.mesh, P()), batch, batch),
                                     out_shardings=batch)

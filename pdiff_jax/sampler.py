@@ -1,4 +1,5 @@
-"""Sampling: one DDIM step, the whole chain in one `fori_loop`, n candidates per image by vmap.
+"""Sampling: solvers (DDIM, DPM-Solver++(2M)) as step rules, the whole chain in one
+`fori_loop`, n candidates per image by vmap.
 
 Pure functions of arrays (no files, no flags). The original samples with a fresh schedule of
 T_sample steps (`rediscretise`, model fed t * 1000 / T_sample); `respace` instead keeps an
@@ -9,7 +10,7 @@ words are the argmax of the tied output head.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,27 +77,84 @@ def ddim_step(x_t: jax.Array, x0_hat: jax.Array, abar_t: jax.Array, abar_prev: j
   return mean + jnp.where(is_last, 0.0, sigma) * noise
 
 
+class Solver(NamedTuple):
+  """A step rule over a `SamplingSchedule`, with its own carried state (the k-diffusion shape):
+  `init(x_T)` is the state before the first step, and `step(x, x0_hat, k, sched, state, key)`
+  moves x from step k to step k - 1 given the denoiser's x0 estimate (`key`: this step's noise
+  key), returning (x, state). A new solver is one such pair; `sample_chain` runs any of them."""
+  init: Callable[[jax.Array], Any]
+  step: Callable[..., tuple[jax.Array, Any]]
+
+
+def ddim(eta: float = 1.0) -> Solver:
+  """DDIM (`ddim_step`; eta = 1, the original's, is ancestral DDPM). No state."""
+
+  def step(x, x0_hat, k, sched, state, key):
+    noise = jax.random.normal(key, x.shape, jnp.float32)
+    return ddim_step(x, x0_hat, sched.alphas_cumprod[k], sched.alphas_cumprod_prev[k], eta, noise,
+                     k == 0), state
+
+  return Solver(lambda x: (), step)
+
+
+def dpm_solver_2m() -> Solver:
+  """DPM-Solver++(2M) (Lu et al. 2022) for an x0-predicting model: deterministic, second order
+  and multistep. The first step is first order (nothing to extrapolate from yet), and so is the
+  last, which lands on abar = 1 (sigma 0, as diffusers' `final_sigmas_type="zero"`). State: the
+  previous step's x0 estimate and its lambda = log(alpha / sigma)."""
+
+  def step(x, x0_hat, k, sched, state, key):
+    del key  # deterministic
+    x0_prev, lam_prev, have_prev = state
+    abar_s, abar_t = sched.alphas_cumprod[k], sched.alphas_cumprod_prev[k]
+    alpha_s, sigma_s = jnp.sqrt(abar_s), jnp.sqrt(1.0 - abar_s)
+    alpha_t, sigma_t = jnp.sqrt(abar_t), jnp.sqrt(1.0 - abar_t)
+    lam_s = jnp.log(alpha_s) - jnp.log(sigma_s)
+    lam_t = jnp.log(alpha_t) - jnp.log(sigma_t)  # +inf on the last step
+    h = lam_t - lam_s
+    half_over_r = 0.5 * h / (lam_s - lam_prev)  # r = (lam_s - lam_prev) / h
+    second = have_prev & (k > 0)
+    d = jnp.where(second, (1.0 + half_over_r) * x0_hat - half_over_r * x0_prev, x0_hat)
+    x_t = jnp.where(k > 0, (sigma_t / sigma_s) * x - alpha_t * jnp.expm1(-h) * d, x0_hat)
+    return x_t, (x0_hat, lam_s, jnp.bool_(True))
+
+  return Solver(lambda x: (jnp.zeros_like(x), jnp.float32(0.0), jnp.bool_(False)), step)
+
+
+SOLVERS = {"ddim": ddim, "dpm++2m": lambda eta=None: dpm_solver_2m()}
+
+
+def make_solver(name: str, eta: float = 1.0) -> Solver:
+  """A solver by its config name (`sampler.solver`); `eta` is DDIM's (the others ignore it)."""
+  if name not in SOLVERS:
+    raise ValueError(f"unknown solver {name!r}; expected one of {', '.join(SOLVERS)}")
+  return SOLVERS[name](eta)
+
+
 def sample_chain(denoise: Callable[[jax.Array, jax.Array], jax.Array], table_VW: jax.Array,
                  sched: SamplingSchedule, key: jax.Array, shape: tuple[int, int], *,
-                 eta: float = 1.0, clamp: bool = True, x_T: jax.Array | None = None) -> jax.Array:
+                 eta: float = 1.0, clamp: bool = True, x_T: jax.Array | None = None,
+                 solver: Solver | None = None) -> jax.Array:
   """One candidate: x_T ~ N(0, I) of `shape` (L, W) denoised to x_0; returns x_0 (L, W).
 
-  `denoise(x_LW, model_t)` predicts x0 for one candidate. Step noise is `fold_in(key, k)`.
+  `denoise(x_LW, model_t)` predicts x0 for one candidate; with `clamp` the estimate is replaced
+  by its nearest word embeddings before the solver (default: `ddim(eta)`) takes the step. Step
+  k's noise key is `fold_in(key, k)`.
   """
+  solver = ddim(eta) if solver is None else solver
   key_T, key_steps = jax.random.split(key)
   x = jax.random.normal(key_T, shape, jnp.float32) if x_T is None else x_T
   S = sched.num_steps
 
-  def body(i, x):
+  def body(i, carry):
+    x, state = carry
     k = S - 1 - i
     x0_hat = denoise(x, sched.model_t[k])
     if clamp:
       x0_hat, _ = nearest_embedding(x0_hat, table_VW)
-    noise = jax.random.normal(jax.random.fold_in(key_steps, k), shape, jnp.float32)
-    return ddim_step(x, x0_hat, sched.alphas_cumprod[k], sched.alphas_cumprod_prev[k], eta, noise,
-                     k == 0)
+    return solver.step(x, x0_hat, k, sched, state, jax.random.fold_in(key_steps, k))
 
-  return jax.lax.fori_loop(0, S, body, x)
+  return jax.lax.fori_loop(0, S, body, (x, solver.init(x)))[0]
 
 
 def model_denoiser(model, params, clip_F: jax.Array):
@@ -109,8 +167,9 @@ def model_denoiser(model, params, clip_F: jax.Array):
 
 
 def sample_tokens(model, params, clip_BF: jax.Array, keys_BN: jax.Array, sched: SamplingSchedule,
-                  *, eta: float = 1.0, clamp: bool = True) -> jax.Array:
-  """Token ids (B, N, L): N candidates for each of B images, all in parallel (vmap x vmap)."""
+                  *, eta: float = 1.0, clamp: bool = True, solver: Solver | None = None) -> jax.Array:
+  """Token ids (B, N, L): N candidates for each of B images, all in parallel (vmap x vmap);
+  `solver` as in `sample_chain` (default: DDIM with `eta`)."""
   cfg = model.cfg
   # The real words only: the table's vocabulary padding rows are never a nearest embedding.
   table = params["params"]["word_embedding"][:cfg.vocab_size].astype(jnp.float32)
@@ -118,7 +177,7 @@ def sample_tokens(model, params, clip_BF: jax.Array, keys_BN: jax.Array, sched: 
 
   def one(clip_F, key):
     x0 = sample_chain(model_denoiser(model, params, clip_F), table, sched, key,
-                      (cfg.max_len, cfg.word_dim), eta=eta, clamp=clamp)
+                      (cfg.max_len, cfg.word_dim), eta=eta, clamp=clamp, solver=solver)
     logits = model.apply(params, x0[None], method="logits")[0]
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 

@@ -179,3 +179,85 @@ def test_bf16_sampler_casts_the_dense_weights_once(tiny):
                                          (cfg.max_len, cfg.word_dim))
   fp32_casts = _weight_casts_in_loop(chain, params, clip[0], keys[0, 0])
   assert (cfg.hidden_size, cfg.mlp_dim) in fp32_casts and (cfg.mlp_dim,) in fp32_casts
+
+
+def _chain_before_the_solver_seam(denoise, table, sched, key, shape, eta):
+  """The sampler's loop as it was before solvers became pluggable (DDIM hard-wired), kept here
+  as the reference that the default path must reproduce bit for bit."""
+  key_T, key_steps = jax.random.split(key)
+  x = jax.random.normal(key_T, shape, jnp.float32)
+
+  def body(i, x):
+    k = sched.num_steps - 1 - i
+    x0_hat, _ = S.nearest_embedding(denoise(x, sched.model_t[k]), table)
+    noise = jax.random.normal(jax.random.fold_in(key_steps, k), shape, jnp.float32)
+    return S.ddim_step(x, x0_hat, sched.alphas_cumprod[k], sched.alphas_cumprod_prev[k], eta, noise, k == 0)
+
+  return jax.lax.fori_loop(0, sched.num_steps, body, x)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_default_solver_is_the_hard_wired_ddim_bit_for_bit(tiny, eta):
+  config, model, params, clip = tiny
+  cfg = model.cfg
+  table = params["params"]["word_embedding"][:cfg.vocab_size]
+  sched = S.make_sampling_schedule("trunc_cos", 100, 7)
+  shape = (cfg.max_len, cfg.word_dim)
+  denoise = S.model_denoiser(model, params, clip[0])
+  before = jax.jit(lambda k: _chain_before_the_solver_seam(denoise, table, sched, k, shape, eta))
+  now = jax.jit(lambda k: S.sample_chain(denoise, table, sched, k, shape, eta=eta))
+  explicit = jax.jit(lambda k: S.sample_chain(denoise, table, sched, k, shape, solver=S.make_solver("ddim", eta)))
+  for seed in range(3):
+    np.testing.assert_array_equal(now(jax.random.key(seed)), before(jax.random.key(seed)))
+    np.testing.assert_array_equal(explicit(jax.random.key(seed)), before(jax.random.key(seed)))
+
+
+@pytest.mark.parametrize("mode", ["respace", "rediscretise"])
+def test_dpm_solver_2m_matches_diffusers(mode):
+  """DPM-Solver++(2M) stepping a fixed x0-predictor equals diffusers' DPMSolverMultistepScheduler
+  (dpmsolver++, order 2, prediction_type="sample", final sigma 0) fed the same predictions on
+  the same schedule, to 1e-5."""
+  import torch
+  from diffusers import DPMSolverMultistepScheduler
+  train_steps, steps, shape = 100, 10, (6, 4)
+  sched = S.make_sampling_schedule("trunc_cos", train_steps, steps, mode)
+  if mode == "respace":  # diffusers on the training schedule, at the kept timesteps
+    betas, timesteps = diffusion.betas("trunc_cos", train_steps), S.respaced_timesteps(train_steps, steps)
+  else:  # the fresh schedule of `steps` steps, every one of them
+    betas, timesteps = diffusion.betas("trunc_cos", steps), np.arange(steps)
+  w = np.asarray(jax.random.normal(jax.random.key(3), (shape[1], shape[1]))) / 2
+
+  def denoise_np(x, model_t):  # any smooth function of (x, t) will do
+    return np.tanh(x @ w) * (1.0 - model_t / 2000.0) + 0.05 * x
+
+  denoise = lambda x, model_t: jnp.tanh(x @ jnp.asarray(w)) * (1.0 - model_t / 2000.0) + 0.05 * x
+  x_T = jax.random.normal(jax.random.key(4), shape)
+  ours = S.sample_chain(denoise, None, sched, jax.random.key(0), shape, clamp=False, x_T=x_T,
+                        solver=S.dpm_solver_2m())
+
+  ref = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=np.asarray(betas, np.float64),
+                                    algorithm_type="dpmsolver++", solver_order=2, prediction_type="sample",
+                                    final_sigmas_type="zero", lower_order_final=True)
+  ref.set_timesteps(timesteps=[int(t) for t in timesteps[::-1]])
+  x = torch.tensor(np.asarray(x_T), dtype=torch.float64)
+  for i, t in enumerate(ref.timesteps):
+    k = steps - 1 - i
+    x0 = torch.tensor(denoise_np(x.numpy(), float(sched.model_t[k])))
+    x = ref.step(x0, t, x).prev_sample
+  np.testing.assert_allclose(np.asarray(ours), x.numpy(), atol=1e-5, rtol=1e-5)
+  # ... and it is deterministic: the chain's key does not matter, only x_T.
+  again = S.sample_chain(denoise, None, sched, jax.random.key(9), shape, clamp=False, x_T=x_T,
+                         solver=S.dpm_solver_2m())
+  np.testing.assert_array_equal(ours, again)
+
+
+def test_the_solver_is_a_config_key_and_a_flag(tiny):
+  config, model, params, clip = tiny
+  with pytest.raises(config_lib.ConfigError, match="sampler.solver"):
+    config_lib.validate(load_config("tiny", **{"sampler.solver": "euler"}))
+  sched = S.make_sampling_schedule("trunc_cos", 100, 5)
+  keys = S.candidate_keys(0, jnp.arange(3), 2)
+  tokens = jax.jit(lambda p, c, k: S.sample_tokens(model, p, c, k, sched, solver=S.dpm_solver_2m()))(
+      params, clip, keys)
+  assert tokens.shape == (3, 2, model.cfg.max_len)
+  assert np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < model.cfg.vocab_size))
