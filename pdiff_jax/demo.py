@@ -42,9 +42,9 @@ def demo_config(base, workdir: str, fast: bool):
   config.clip.model = os.path.join(d, "clip")
   if fast:
     config.train.num_steps = FAST["train_steps"]
-    config.train.checkpoint_every = 50
-    config.train.eval_every = 50
-    config.train.log_every = 25
+    config.train.checkpoint_every = 100  # multiples of train.steps_per_dispatch
+    config.train.eval_every = 100
+    config.train.log_every = 20
     config.optim.warmup_steps = 20
     config.optim.ema_decay = 0.9
   return config
