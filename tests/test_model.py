@@ -219,19 +219,25 @@ def test_scanned_layers_equal_the_loop(tiny, remat):
   assert model_lib.count_params(own) == model_lib.count_params(params)
   assert own["params"]["layers"]["attention"]["query"]["kernel"].shape[0] == cfg.num_layers
 
-  B = 3
-  x = jax.random.normal(jax.random.key(1), (B, cfg.max_len, cfg.word_dim))
-  t = jnp.array([0.0, 10.0, 99.0])
-  f = jax.random.normal(jax.random.key(2), (B, cfg.feature_dim))
-  # (jitted: one compile each, rather than op-by-op dispatch of every primitive)
-  np.testing.assert_allclose(jax.jit(ms.apply)(stacked, x, t, f), jax.jit(m.apply)(params, x, t, f),
-                             rtol=1e-5, atol=1e-5)
+  _assert_same_function(ms, stacked, m, params, lambda g: g, lambda g: _stack_layers(g, cfg.num_layers),
+                        out_tol=1e-5, grad_rtol=1e-4)
 
+
+def _assert_same_function(model_a, params_a, model_b, params_b, grads_a, grads_b, out_tol, grad_rtol):
+  """model_a(params_a) and model_b(params_b) give the same outputs and gradients on one batch;
+  `grads_a`/`grads_b` bring each side's gradients to a common layout. Jitted: one compile each,
+  rather than op-by-op dispatch of every primitive."""
+  cfg = model_a.cfg
+  x = jax.random.normal(jax.random.key(1), (3, cfg.max_len, cfg.word_dim))
+  t = jnp.array([0.0, 10.0, 99.0])
+  f = jax.random.normal(jax.random.key(2), (3, cfg.feature_dim))
+  np.testing.assert_allclose(jax.jit(model_a.apply)(params_a, x, t, f),
+                             jax.jit(model_b.apply)(params_b, x, t, f), rtol=out_tol, atol=out_tol)
   loss = lambda model: lambda p: jnp.sum(model.apply(p, x, t, f) ** 2)
-  g_loop = jax.jit(jax.grad(loss(m)))(params)
-  g_scan = jax.jit(jax.grad(loss(ms)))(stacked)
-  for a, b in zip(jax.tree.leaves(_stack_layers(g_loop, cfg.num_layers)), jax.tree.leaves(g_scan)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  ga = grads_a(jax.jit(jax.grad(loss(model_a)))(params_a))
+  gb = grads_b(jax.jit(jax.grad(loss(model_b)))(params_b))
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(a, b, rtol=grad_rtol, atol=1e-6)
 
 
 
@@ -262,17 +268,8 @@ def test_fused_qkv_is_the_same_function_through_the_layout_mapping(tiny, scan):
                           jnp.zeros((1,)), jnp.zeros((1, 768)))
   assert model_lib.count_params(nn.meta.unbox(shapes)["params"], full) == 94_948_257
 
-  B = 3
-  x = jax.random.normal(jax.random.key(1), (B, cfg.max_len, cfg.word_dim))
-  t = jnp.array([0.0, 10.0, 99.0])
-  f = jax.random.normal(jax.random.key(2), (B, cfg.feature_dim))
-  np.testing.assert_allclose(jax.jit(mf.apply)(fused, x, t, f), jax.jit(m.apply)(params, x, t, f),
-                             rtol=1e-6, atol=1e-6)
-  loss = lambda model: lambda p: jnp.sum(model.apply(p, x, t, f) ** 2)
-  g = jax.jit(jax.grad(loss(m)))(params)
-  g_fused = model_lib.fuse_qkv(jax.jit(jax.grad(loss(mf)))(fused), False)
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_fused)):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  _assert_same_function(mf, fused, m, params, lambda g: model_lib.fuse_qkv(g, False), lambda g: g,
+                        out_tol=1e-6, grad_rtol=1e-5)
 
 
 def test_tanh_gelu_option(tiny):
