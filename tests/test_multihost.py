@@ -33,10 +33,13 @@ def test_two_processes_train_like_one_and_past_a_corrupt_checkpoint(tmp_path):
   """2 processes x 2 devices == 1 process x 4 devices (same global batch), and the 2-process
   checkpoint restores in a single process. Then the 2-process run's step 4 is corrupted: both
   processes resume from 2, process 0 moves 4 aside, and the run trains through 4 to 6.
-  (One test: the second half goes on from the first's workdir, saving a 2-process start-up.)"""
+  (One test: the second half goes on from the first's workdir, saving a 2-process start-up.)
+  Both run two steps per dispatch."""
   from test_train import corrupt_checkpoint
+  # Two steps per dispatch (train.steps_per_dispatch): each process stacks its rows of both
+  # batches (the SIGTERM test below trains one step at a time).
   args = ["train", "--config=configs/tiny.py", "--config.train.checkpoint_every=2",
-          "--config.train.eval_every=1000"]
+          "--config.train.eval_every=1000", "--config.train.steps_per_dispatch=2"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   w = tmp_path / "two"
   two = lambda steps: subprocess.run(
