@@ -480,7 +480,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
 
   p_guard = jax.jit(_guard, out_shardings=sharding_lib.replicated(mesh))
   p_guard_steps = jax.jit(_guard_steps, out_shardings=sharding_lib.replicated(mesh))
-  last = jax.jit(lambda metrics_K: jax.tree.map(lambda x: x[-1], metrics_K))
 
   def read_guard(guard) -> None:
     """Raises TrainingDiverged if a step so far had a non-finite metric (a device read)."""
@@ -492,8 +491,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
           f" the last good checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
 
   def write_log(step: int, metrics, guard) -> None:
+    """`metrics`: of the one step that ended at `step`, or stacked (K,) for the K that did."""
     read_guard(guard)
-    metrics_log.write(step, jax.device_get(metrics))
+    values = jax.device_get(metrics)
+    metrics_log.write(step, {k: np.asarray(v).reshape(-1)[-1] for k, v in values.items()})
 
   def evaluate(step: int) -> None:
     if val_split is None or t.eval_batches == 0:
@@ -518,15 +519,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   try:
     with jax.set_mesh(mesh):
       for step, n in plan:
-        if n == 1:
-          state, metrics = p_train_step(state, batches.get(step), step_key)
-        else:
-          state, metrics_K = p_train_steps(state, batches.get(step), step_key)
-          metrics = last(metrics_K)
+        # metrics: this step's, or with n > 1 each metric stacked (n,) over the dispatch's steps.
+        state, metrics = (p_train_step if n == 1 else p_train_steps)(state, batches.get(step),
+                                                                     step_key)
         if guard is None:
-          guard = {"step": jnp.int32(-1), "metrics": jax.tree.map(jnp.zeros_like, metrics)}
-        guard = p_guard(guard, metrics, state.step) if n == 1 else p_guard_steps(guard, metrics_K,
-                                                                                  state.step)
+          guard = {"step": jnp.int32(-1), "metrics": jax.tree.map(
+              lambda x: jnp.zeros(x.shape[1:] if n > 1 else x.shape, x.dtype), metrics)}
+        guard = (p_guard if n == 1 else p_guard_steps)(guard, metrics, state.step)
         if step == start:  # keep compilation out of the steps/s figures
           jax.block_until_ready(metrics)
           log.info("first step (with compilation) took %.1f s", time.perf_counter() - t_start)
