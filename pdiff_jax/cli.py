@@ -21,10 +21,10 @@ commands:
   demo    --workdir=DIR [--fast]                                 the whole pipeline on embedded synthetic data
   extract --config=CFG [--config.key=value ...]                  CLIP features + vocabulary of every split
   train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
-  caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--json] IMAGE...
-  eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--sweep]
+  caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--solver=ddim|dpmpp2m] [--json] IMAGE...
+  eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--solver=ddim|dpmpp2m] [--sweep]
   score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
-  bench   [--config=CFG] --out=FILE [--parts=train,sample,clip,pipeline] [--profile_dir=DIR]
+  bench   [--config=CFG] --out=FILE [--parts=train,sample,clip,pipeline,extract] [--profile_dir=DIR]
           throughput, FLOP/s and MFU here; with --profile_dir, where the step's time goes
   info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
 
@@ -149,8 +149,6 @@ def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:
   if not images:
     raise UsageError("name at least one image file")
   captioner = Captioner.from_workdir(fv.workdir, step=fv.step)
-  if fv.solver:
-    captioner.bundle.config.sampler.solver = fv.solver
   readable, failed = [], 0
   for path in images:
     try:
@@ -159,7 +157,8 @@ def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:
       print(f"pdiff caption: {path}: {e}", file=sys.stderr)
       failed += 1
   results = captioner.caption([im for _, im in readable], num_candidates=fv.num_candidates,
-                              steps=fv.steps, seed=fv.seed, eta=fv.eta) if readable else []
+                              steps=fv.steps, seed=fv.seed, eta=fv.eta,
+                              solver=fv.solver) if readable else []
   if fv.json:
     print(json.dumps([{"image": path, **r} for (path, _), r in zip(readable, results)], indent=1))
   else:
@@ -185,14 +184,9 @@ def _flags_eval(fv: flags.FlagValues) -> None:
 def _cmd_eval(fv: flags.FlagValues) -> int:
   from pdiff_jax import evaluate
   _use_compilation_cache(fv)
-  captioner = None
-  if fv.solver:
-    from pdiff_jax.inference import Captioner
-    captioner = Captioner.from_workdir(fv.workdir)
-    captioner.bundle.config.sampler.solver = fv.solver
   evaluate.evaluate(fv.workdir, fv.split, fv.num_candidates, fv.steps, fv.seed, fv.eta,
                     sweep=fv.sweep, max_images=fv.max_images, report_thumbnails=fv.report_thumbnails,
-                    captioner=captioner)
+                    solver=fv.solver)
   return 0
 
 
@@ -257,7 +251,7 @@ def _flags_bench(fv: flags.FlagValues) -> None:
                                   flag_values=fv, lock_config=True)
   flags.DEFINE_string("out", None, "JSON file for the figures.", flag_values=fv, required=True)
   flags.DEFINE_list("parts", ["train", "sample", "clip"],
-                    "Which of train,sample,clip,pipeline to measure.",
+                    "Which of train,sample,clip,pipeline,extract to measure.",
                     flag_values=fv)
   flags.DEFINE_string("profile_dir", None, "Also trace the train step and the sampler here "
                       "(jax.profiler; Perfetto/TensorBoard) and add a per-op summary to the JSON.",

@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.eta = 1.0  # DDIM eta: 1 = ancestral (the original), 0 = deterministic
   c.sampler.mode = "rediscretise"  # the original's fresh T_sample schedule; or "respace"
   c.sampler.clamp = True  # replace x0_hat by the nearest word embedding at every step
-  c.sampler.solver = "ddim"  # the original's; or "dpm++2m" (DPM-Solver++(2M), deterministic)
+  c.sampler.solver = "ddim"  # the original's; or "dpmpp2m" (DPM-Solver++(2M), deterministic)
   c.sampler.batch_size = 8  # images per sampling call (each with num_candidates chains)
   c.sampler.rerank_clip = ""  # CLIP for reranking; empty = clip.model
 

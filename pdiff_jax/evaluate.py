@@ -96,7 +96,8 @@ def _gather(local: np.ndarray, per: int, total: int) -> np.ndarray:
 
 
 def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int, steps: int,
-                 seed: int, eta: float, progress: bool) -> tuple[list[list[str]], np.ndarray | None]:
+                 seed: int, eta: float, progress: bool,
+                 solver: str | None = None) -> tuple[list[list[str]], np.ndarray | None]:
   """Unranked candidate captions (in candidate order) and their rerank cosines.
 
   In a multi-process run each process samples and reranks its own share of the images on its own
@@ -112,7 +113,8 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
              disable=not progress, dynamic_ncols=True)
   for b in range(start, stop, batch):
     feats = np.asarray(features[b:min(b + batch, stop)], np.float32)
-    tokens.append(captioner.sample_tokens(feats, n, steps, seed, eta, np.arange(b, b + len(feats))))
+    tokens.append(captioner.sample_tokens(feats, n, steps, seed, eta, np.arange(b, b + len(feats)),
+                                          solver))
     bar.update(len(feats))
   bar.close()
   local = np.concatenate(tokens).astype(np.int32)
@@ -131,7 +133,8 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
 def evaluate(workdir: str, split: str = "test", num_candidates: int | None = None,
              steps: int | None = None, seed: int = 0, eta: float | None = None,
              sweep: bool = False, max_images: int | None = None, progress: bool = True,
-             captioner=None, out_dir: str | None = None, report_thumbnails: int = 300) -> dict:
+             captioner=None, out_dir: str | None = None, report_thumbnails: int = 300,
+             solver: str | None = None) -> dict:
   """Samples every image of `split` from the feature store, reranks, scores; writes
   `workdir/eval/<split>/{metrics.json, captions.json, report.html}`."""
   from pdiff_jax import clip as clip_lib, model as model_lib
@@ -146,6 +149,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   n = int(num_candidates or s.num_candidates)
   steps = int(steps or s.steps)
   eta = float(s.eta if eta is None else eta)
+  solver = solver or s.get("solver", "ddim")
   store = FeatureStore(config.data.feature_dir)
   features = store.split(split).features
   meta = store.images(split)
@@ -161,7 +165,8 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
 
   rerank_emb = embeddings(captioner.rerank_clip)
   n_sample = max(n, max(SWEEP_CANDIDATES)) if sweep else n
-  captions, scores = sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta, progress)
+  captions, scores = sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta, progress,
+                                  solver)
   ranked = rank_candidates(captions, scores, n)
 
   lead = jax.process_index() == 0  # every process samples its share; process 0 scores and writes
@@ -178,7 +183,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
     metrics.update(mark_exact(entries, [truth[e["image_id"]] for e in entries]))
   metrics.update({
       "trainable_params": model_lib.count_params(captioner.bundle.params, captioner.bundle.model.cfg),
-      "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, "solver": s.get("solver", "ddim"), "eta": eta, "seed": seed,
+      "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, "solver": solver, "eta": eta, "seed": seed,
       "split": split, "checkpoint_step": captioner.bundle.step, "rerank_clip": captioner.rerank_clip.name,
   })
 
@@ -190,7 +195,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
       sweeps["candidates"].append({"n": k, **(_cider_div2(sub) if lead else {})})
     sweeps["steps"] = []
     for st in sorted({x for x in SWEEP_STEPS if x <= max(steps, 20)} | {steps}):
-      cs, sc = sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress)
+      cs, sc = sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress, solver)
       sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
       sweeps["steps"].append({"steps": st, **(_cider_div2(sub) if lead else {})})
     metrics["sweep"] = sweeps

@@ -148,13 +148,14 @@ class Captioner:
 
   # -- the pure pieces, for people composing their own loops --------------------------------
 
-  def sample_fn(self, steps: int, eta: float, mode: str | None = None, clamp: bool | None = None):
+  def sample_fn(self, steps: int, eta: float, mode: str | None = None, clamp: bool | None = None,
+                solver: str | None = None):
     """A jitted `f(params, features_BF, keys_BN) -> token ids (B, N, L)`, batch sharded on data;
-    the solver is the config's `sampler.solver`."""
+    `solver` by name (`sampler.SOLVERS`; default: the config's `sampler.solver`)."""
     s = self.bundle.config.sampler
     mode = mode or s.mode
     clamp = s.clamp if clamp is None else clamp
-    solver = s.get("solver", "ddim")
+    solver = solver or s.get("solver", "ddim")
     key = (steps, float(eta), mode, bool(clamp), solver)
     if key not in self._samplers:
       d = self.bundle.config.diffusion
@@ -182,7 +183,7 @@ class Captioner:
 
   def caption(self, images: Sequence[Any], num_candidates: int | None = None,
               steps: int | None = None, seed: int = 0, eta: float | None = None,
-              batch_size: int | None = None) -> list[dict]:
+              batch_size: int | None = None, solver: str | None = None) -> list[dict]:
     """[{"caption": best, "candidates": [{"caption", "score"}, ...] best first}, ...] per image.
 
     Images are paths, PIL images or uint8 arrays. Results depend only on (seed, position of the
@@ -202,28 +203,30 @@ class Captioner:
       emb = feats if self.rerank_clip is self.clip else self.rerank_clip.encode_images(
           self.rerank_clip.preprocess(chunk))
       results += self.caption_features(feats, emb, n, steps, seed, eta,
-                                       offsets=np.arange(start, start + len(chunk)))
+                                       offsets=np.arange(start, start + len(chunk)), solver=solver)
     return results
 
   def caption_features(self, features_BF: np.ndarray, rerank_emb_BF: np.ndarray | None,
                        num_candidates: int, steps: int, seed: int, eta: float,
-                       offsets: np.ndarray | None = None) -> list[dict]:
+                       offsets: np.ndarray | None = None, solver: str | None = None) -> list[dict]:
     """`caption` from precomputed CLIP features (and the rerank CLIP's image embeddings)."""
-    tokens = self.sample_tokens(features_BF, num_candidates, steps, seed, eta, offsets)
+    tokens = self.sample_tokens(features_BF, num_candidates, steps, seed, eta, offsets, solver)
     captions = [[self.bundle.vocab.decode(t) for t in cands] for cands in tokens]
     scores = self.rerank(rerank_emb_BF, captions) if num_candidates > 1 else None
     return rank_candidates(captions, scores, num_candidates)
 
   def sample_tokens(self, features_BF: np.ndarray, num_candidates: int, steps: int, seed: int,
-                    eta: float, offsets: np.ndarray | None = None) -> np.ndarray:
+                    eta: float, offsets: np.ndarray | None = None,
+                    solver: str | None = None) -> np.ndarray:
     """Token ids (B, N, L) for B feature vectors, in calls of exactly `sample_batch` images (the
-    last padded), so the sampler compiles once per (n, steps) whatever B is."""
+    last padded), so the sampler compiles once per (n, steps) whatever B is; `solver` as in
+    `sample_fn`."""
     B = features_BF.shape[0]
     offsets = np.arange(B) if offsets is None else np.asarray(offsets)
     if self.bundle.feature_stats is not None:  # the model saw standardised features
       mean, std = self.bundle.feature_stats
       features_BF = (np.asarray(features_BF, np.float32) - mean) / std
-    fn, chunk = self.sample_fn(steps, eta), self.sample_batch
+    fn, chunk = self.sample_fn(steps, eta, solver=solver), self.sample_batch
     out = [np.zeros((0, num_candidates, int(self.bundle.config.data.max_len)), np.int32)]
     for start in range(0, B, chunk):
       feats = np.asarray(features_BF[start:start + chunk], np.float32)

@@ -121,7 +121,8 @@ def dpm_solver_2m() -> Solver:
   return Solver(lambda x: (jnp.zeros_like(x), jnp.float32(0.0), jnp.bool_(False)), step)
 
 
-SOLVERS = {"ddim": ddim, "dpm++2m": lambda eta=None: dpm_solver_2m()}
+# Config names (`sampler.solver`, `--solver`) -> f(eta) -> Solver; eta is DDIM's alone.
+SOLVERS = {"ddim": ddim, "dpmpp2m": lambda eta: dpm_solver_2m()}
 
 
 def make_solver(name: str, eta: float = 1.0) -> Solver:

@@ -72,6 +72,11 @@ def test_caption_structure_reproducibility_and_diversity(captioner, image_paths)
                                [c["score"] for c in b["candidates"]], rtol=1e-4, atol=1e-6)
   one = captioner.caption(images[:1], num_candidates=1, steps=10)
   assert one[0]["candidates"][0]["score"] is None
+  # The solver by name (CONTRACT: `Captioner.caption(..., solver=)`): its own compiled sampler,
+  # and DPM-Solver++ is as reproducible as DDIM.
+  dpm = captioner.caption(images[:1], num_candidates=3, steps=5, seed=1, solver="dpmpp2m")
+  assert dpm == captioner.caption(images[:1], num_candidates=3, steps=5, seed=1, solver="dpmpp2m")
+  assert {key[-1] for key in captioner._samplers} == {"ddim", "dpmpp2m"}
 
 
 def test_rerank_order_equals_independent_cosine(captioner, clip_dir, image_paths):
@@ -123,7 +128,7 @@ def test_caption_command(trained_workdir, image_paths, tmp_path):
   # A relative --workdir works too (the command runs in the repository root).
   relative = os.path.relpath(trained_workdir[0], os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   r2 = run_pdiff("caption", f"--workdir={relative}", "--num_candidates=3", "--steps=5",
-                 png, jpg, env=env)
+                 "--solver=ddim", png, jpg, env=env)  # (the default, named)
   assert r2.returncode == 0, r2.stderr
   lines = r2.stdout.strip().split("\n")
   assert [l.split("\t") for l in lines] == [[o["image"], o["caption"]] for o in out]
