@@ -144,9 +144,11 @@ def bench_sample(config, repeats: int = 3, profile_dir: str | None = None) -> di
   n, steps, images = int(s.num_candidates), int(s.steps), int(s.batch_size)
   sched = sampler_lib.make_sampling_schedule(config.diffusion.schedule, config.diffusion.num_steps,
                                              steps, s.mode)
+  solver, guidance = s.get("solver", "ddim"), float(s.get("guidance", 1.0))
+  length = sampler_lib.parse_length(s.get("length", ""), cfg.max_len, cfg.length_head)
   fn = jax.jit(functools.partial(sampler_lib.sample_tokens, model, sched=sched, eta=float(s.eta),
-                                 clamp=bool(s.clamp),
-                                 solver=sampler_lib.make_solver(s.get("solver", "ddim"), float(s.eta))))
+                                 clamp=bool(s.clamp), solver=sampler_lib.make_solver(solver, float(s.eta)),
+                                 guidance=guidance, length=length))
   feats = jax.random.normal(jax.random.key(1), (images, cfg.feature_dim))
   keys = sampler_lib.candidate_keys(0, jnp.arange(images), n)
   t = time.perf_counter()
@@ -155,9 +157,12 @@ def bench_sample(config, repeats: int = 3, profile_dir: str | None = None) -> di
   run = lambda: compiled(params, feats, keys).block_until_ready()
   run()
   seconds = _time(run, repeats)
-  step_flops = model_lib.denoise_step_flops(cfg) * n * images * steps
+  step_flops = model_lib.denoise_step_flops(cfg, guided=guidance != 1.0) * n * images * steps
   out = {"images_per_sec": images / seconds, "candidates_per_sec": images * n / seconds,
-         "num_candidates": n, "steps": steps, "images_per_call": images,
+         "num_candidates": n, "steps": steps, "images_per_call": images, "solver": solver,
+         "guidance": guidance, "length": s.get("length", ""), "self_cond": cfg.self_cond > 0,
+         # network evaluations per caption: guidance runs the network on a doubled batch
+         "network_evals_per_candidate": steps * (2 if guidance != 1.0 else 1),
          "flops_per_sec": step_flops / seconds, "compile_seconds": compile_s}
   if profile_dir:
     out["profile"] = _profile(compiled, run, _profile_subdir(profile_dir, "sample"), step_flops,

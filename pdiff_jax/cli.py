@@ -21,10 +21,13 @@ commands:
   demo    --workdir=DIR [--fast]                                 the whole pipeline on embedded synthetic data
   extract --config=CFG [--config.key=value ...]                  CLIP features + vocabulary of every split
   train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
-  caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--solver=ddim|dpmpp2m] [--json] IMAGE...
-  eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--solver=ddim|dpmpp2m] [--sweep]
+  caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--solver=ddim|dpmpp2m] [--guidance=S]
+          [--length=auto|N|MIN-MAX] [--json] IMAGE...
+  eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--solver=ddim|dpmpp2m] [--guidance=S]
+          [--length=auto|N|MIN-MAX] [--sweep]
   score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
   bench   [--config=CFG] --out=FILE [--parts=train,sample,clip,pipeline,extract] [--profile_dir=DIR]
+          [--solver=NAME] [--guidance=S]
           throughput, FLOP/s and MFU here; with --profile_dir, where the step's time goes
   info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
 
@@ -132,6 +135,21 @@ def _sampling_flags(fv: flags.FlagValues) -> None:
   from pdiff_jax.sampler import SOLVERS
   flags.DEFINE_enum("solver", None, list(SOLVERS), "Sampling solver (default: sampler.solver; "
                     "ddim is the original's).", flag_values=fv)
+  flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sampler.guidance; "
+                     "1 = none, 0 = unconditional; needs a model trained with model.cond_drop).",
+                     flag_values=fv)
+  flags.DEFINE_string("length", None, "Caption length in words: auto (drawn from the length head), "
+                      "N or MIN-MAX (default: sampler.length; empty = the model decides).",
+                      flag_values=fv)
+
+
+def _sampling_options(captioner, fv: flags.FlagValues) -> dict:
+  """The --solver, --guidance and --length given, checked against the model (a bad one is a
+  usage error naming its flag)."""
+  try:
+    return captioner.sampling_options(fv.solver, fv.guidance, fv.length)
+  except ValueError as e:
+    raise UsageError(f"--{e}") from None
 
 
 def _flags_caption(fv: flags.FlagValues) -> None:
@@ -149,6 +167,7 @@ def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:
   if not images:
     raise UsageError("name at least one image file")
   captioner = Captioner.from_workdir(fv.workdir, step=fv.step)
+  opts = _sampling_options(captioner, fv)
   readable, failed = [], 0
   for path in images:
     try:
@@ -158,7 +177,7 @@ def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:
       failed += 1
   results = captioner.caption([im for _, im in readable], num_candidates=fv.num_candidates,
                               steps=fv.steps, seed=fv.seed, eta=fv.eta,
-                              solver=fv.solver) if readable else []
+                              **opts) if readable else []
   if fv.json:
     print(json.dumps([{"image": path, **r} for (path, _), r in zip(readable, results)], indent=1))
   else:
@@ -183,10 +202,12 @@ def _flags_eval(fv: flags.FlagValues) -> None:
 
 def _cmd_eval(fv: flags.FlagValues) -> int:
   from pdiff_jax import evaluate
+  from pdiff_jax.inference import Captioner
   _use_compilation_cache(fv)
+  captioner = Captioner.from_workdir(fv.workdir)
   evaluate.evaluate(fv.workdir, fv.split, fv.num_candidates, fv.steps, fv.seed, fv.eta,
                     sweep=fv.sweep, max_images=fv.max_images, report_thumbnails=fv.report_thumbnails,
-                    solver=fv.solver)
+                    captioner=captioner, **_sampling_options(captioner, fv))
   return 0
 
 
@@ -256,10 +277,24 @@ def _flags_bench(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("profile_dir", None, "Also trace the train step and the sampler here "
                       "(jax.profiler; Perfetto/TensorBoard) and add a per-op summary to the JSON.",
                       flag_values=fv)
+  from pdiff_jax.sampler import SOLVERS
+  flags.DEFINE_enum("solver", None, list(SOLVERS), "Time the sampler with this solver "
+                    "(default: sampler.solver).", flag_values=fv)
+  flags.DEFINE_float("guidance", None, "Time the sampler with this classifier-free guidance scale "
+                     "(the random-weight model gets a null condition: model.cond_drop=0.1).",
+                     lower_bound=0.0, flag_values=fv)
 
 
 def _cmd_bench(fv: flags.FlagValues) -> int:
   from pdiff_jax import bench
+  config = fv.config
+  with config.unlocked():
+    if fv.solver:
+      config.sampler.solver = fv.solver
+    if fv.guidance is not None:
+      config.sampler.guidance = fv.guidance
+      if fv.guidance != 1.0 and config.model.get("cond_drop", 0.0) <= 0:
+        config.model.cond_drop = 0.1
   bad = set(fv.parts) - set(bench.PARTS)
   if bad:
     raise UsageError(f"--parts: unknown {', '.join(sorted(bad))}; expected {', '.join(bench.PARTS)}")
@@ -267,7 +302,7 @@ def _cmd_bench(fv: flags.FlagValues) -> int:
   if fv.profile_dir and storage.is_remote(fv.profile_dir):
     raise UsageError(f"--profile_dir={fv.profile_dir}: traces are summarised from local files; "
                      "give a local directory")
-  bench.run_bench(fv.config, fv.out, tuple(fv.parts), profile_dir=fv.profile_dir)
+  bench.run_bench(config, fv.out, tuple(fv.parts), profile_dir=fv.profile_dir)
   return 0
 
 

@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False  # recompute each layer's activations in the backward pass (saves memory)
   c.model.fused_qkv = False  # q, k, v as one projection (same numbers; checkpoints convert on restore)
   c.model.gelu = "erf"  # "tanh": the approximation (not the original's); measured in BENCHMARKS.md
+  # Additions since the paper (README "Beyond the paper"); 0 / off is the original, exactly.
+  c.model.cond_drop = 0.0  # training probability of the null condition (classifier-free guidance)
+  c.model.self_cond = 0.0  # training probability of feeding the model its own x0 estimate
+  c.model.length_head = False  # predict the caption length from the CLIP embedding (loss weight 1)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "trunc_cos"
@@ -120,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.mode = "rediscretise"  # the original's fresh T_sample schedule; or "respace"
   c.sampler.clamp = True  # replace x0_hat by the nearest word embedding at every step
   c.sampler.solver = "ddim"  # the original's; or "dpmpp2m" (DPM-Solver++(2M), deterministic)
+  c.sampler.guidance = 1.0  # classifier-free guidance scale: 1 = none, 0 = unconditional
+  c.sampler.length = ""  # "" = the model decides (the original); "auto", "N" or "MIN-MAX" words
   c.sampler.batch_size = 8  # images per sampling call (each with num_candidates chains)
   c.sampler.rerank_clip = ""  # CLIP for reranking; empty = clip.model
 
@@ -201,6 +207,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.sampler.get("solver", "ddim") in sampler_lib.SOLVERS, "sampler.solver",
          f"unknown solver {config.sampler.get('solver')!r}; expected one of "
          f"{', '.join(sampler_lib.SOLVERS)}")
+  for key in ("cond_drop", "self_cond"):
+    _check(0.0 <= m.get(key, 0.0) < 1.0, f"model.{key}", f"must be in [0, 1), got {m.get(key)}")
+  guidance = config.sampler.get("guidance", 1.0)
+  _check(guidance >= 0, "sampler.guidance", f"must be >= 0 (1 = no guidance), got {guidance}")
+  _check(guidance == 1.0 or m.get("cond_drop", 0.0) > 0, "sampler.guidance",
+         f"{guidance} needs a model trained with model.cond_drop > 0 (it has no null condition)")
+  try:
+    sampler_lib.parse_length(config.sampler.get("length", ""), config.data.max_len,
+                             bool(m.get("length_head", False)))
+  except ValueError as e:
+    raise ConfigError("sampler.length", str(e)) from None
   _check(config.sampler.mode in sampler_lib.MODES, "sampler.mode",
          f"unknown mode {config.sampler.mode!r}; expected one of {', '.join(sampler_lib.MODES)}")
   _check(config.sampler.batch_size >= 1, "sampler.batch_size",
@@ -234,7 +251,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       dropout=m.dropout, attention_dropout=m.attention_dropout, dtype=DTYPES[m.dtype],
       param_dtype=DTYPES[m.param_dtype], scan_layers=bool(m.get("scan_layers", False)),
       remat=bool(m.get("remat", False)), fused_qkv=bool(m.get("fused_qkv", False)),
-      gelu=str(m.get("gelu", "erf")))
+      gelu=str(m.get("gelu", "erf")), cond_drop=float(m.get("cond_drop", 0.0)),
+      self_cond=float(m.get("self_cond", 0.0)), length_head=bool(m.get("length_head", False)))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -12,8 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pdiff_jax import sampler as sampler_lib
 from pdiff_jax import storage
 from pdiff_jax.data import shapes
+from pdiff_jax.data.vocab import tokenize
 from pdiff_jax.inference import rank_candidates
 from pdiff_jax.metrics import clipscore, coco, diversity, exact
 
@@ -96,9 +98,11 @@ def _gather(local: np.ndarray, per: int, total: int) -> np.ndarray:
 
 
 def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int, steps: int,
-                 seed: int, eta: float, progress: bool,
-                 solver: str | None = None) -> tuple[list[list[str]], np.ndarray | None]:
-  """Unranked candidate captions (in candidate order) and their rerank cosines.
+                 seed: int, eta: float, progress: bool, solver: str | None = None,
+                 guidance: float | None = None,
+                 length: str | None = None) -> tuple[list[list[str]], np.ndarray | None]:
+  """Unranked candidate captions (in candidate order) and their rerank cosines (the sampler
+  options as in `Captioner.sampling_options`).
 
   In a multi-process run each process samples and reranks its own share of the images on its own
   devices, and the shares are gathered, so every process returns the whole split. The result is
@@ -114,7 +118,7 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
   for b in range(start, stop, batch):
     feats = np.asarray(features[b:min(b + batch, stop)], np.float32)
     tokens.append(captioner.sample_tokens(feats, n, steps, seed, eta, np.arange(b, b + len(feats)),
-                                          solver))
+                                          solver, guidance, length))
     bar.update(len(feats))
   bar.close()
   local = np.concatenate(tokens).astype(np.int32)
@@ -134,9 +138,12 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
              steps: int | None = None, seed: int = 0, eta: float | None = None,
              sweep: bool = False, max_images: int | None = None, progress: bool = True,
              captioner=None, out_dir: str | None = None, report_thumbnails: int = 300,
-             solver: str | None = None) -> dict:
+             solver: str | None = None, guidance: float | None = None,
+             length: str | None = None) -> dict:
   """Samples every image of `split` from the feature store, reranks, scores; writes
-  `workdir/eval/<split>/{metrics.json, captions.json, report.html}`."""
+  `workdir/eval/<split>/{metrics.json, captions.json, report.html}`. The sampler options
+  (`solver`, `guidance`, `length`; default: the config's) are recorded in metrics.json; a model
+  with a length head also gets its length accuracy against the references."""
   from pdiff_jax import clip as clip_lib, model as model_lib
   from pdiff_jax.data.features import FeatureStore
   from pdiff_jax.inference import Captioner
@@ -149,7 +156,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   n = int(num_candidates or s.num_candidates)
   steps = int(steps or s.steps)
   eta = float(s.eta if eta is None else eta)
-  solver = solver or s.get("solver", "ddim")
+  opts = captioner.sampling_options(solver, guidance, length)  # checked before any work
   store = FeatureStore(config.data.feature_dir)
   features = store.split(split).features
   meta = store.images(split)
@@ -166,7 +173,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   rerank_emb = embeddings(captioner.rerank_clip)
   n_sample = max(n, max(SWEEP_CANDIDATES)) if sweep else n
   captions, scores = sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta, progress,
-                                  solver)
+                                  **opts)
   ranked = rank_candidates(captions, scores, n)
 
   lead = jax.process_index() == 0  # every process samples its share; process 0 scores and writes
@@ -181,9 +188,16 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   truth = shapes.attributes_of_source(store.manifest["source"])
   if truth is not None and lead:  # the synthetic shapes: every image's objects are known
     metrics.update(mark_exact(entries, [truth[e["image_id"]] for e in entries]))
+  cfg = captioner.bundle.model.cfg
+  if lead and opts["length"]:
+    metrics.update(length_honoured(entries, sampler_lib.parse_length(opts["length"], cfg.max_len,
+                                                                     cfg.length_head)))
+  if lead and cfg.length_head:
+    metrics.update(length_accuracy(captioner.length_distribution(features).argmax(-1),
+                                   [m["captions"] for m in meta], cfg.max_len))
   metrics.update({
       "trainable_params": model_lib.count_params(captioner.bundle.params, captioner.bundle.model.cfg),
-      "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, "solver": solver, "eta": eta, "seed": seed,
+      "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, **opts, "eta": eta, "seed": seed,
       "split": split, "checkpoint_step": captioner.bundle.step, "rerank_clip": captioner.rerank_clip.name,
   })
 
@@ -195,7 +209,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
       sweeps["candidates"].append({"n": k, **(_cider_div2(sub) if lead else {})})
     sweeps["steps"] = []
     for st in sorted({x for x in SWEEP_STEPS if x <= max(steps, 20)} | {steps}):
-      cs, sc = sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress, solver)
+      cs, sc = sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress, **opts)
       sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
       sweeps["steps"].append({"steps": st, **(_cider_div2(sub) if lead else {})})
     metrics["sweep"] = sweeps
@@ -206,6 +220,27 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
     write_outputs(out_dir, metrics, entries, title=f"pdiff eval: {workdir} ({split})",
                   thumbnails=report_thumbnails)
   return metrics
+
+
+def length_accuracy(predicted_B: np.ndarray, references: Sequence[Sequence[str]],
+                    max_len: int) -> dict:
+  """The length head against the references: `length_accuracy`, the fraction of images whose
+  most likely length (in words, as the vocabulary encodes: truncated at max_len) is the length of
+  one of their references, and `length_error`, the mean distance to the nearest one."""
+  hits, errors = [], []
+  for predicted, refs in zip(np.asarray(predicted_B).tolist(), references):
+    lengths = {min(len(tokenize(r)), max_len) for r in refs}
+    hits.append(predicted in lengths)
+    errors.append(min(abs(predicted - n) for n in lengths))
+  return {"length_accuracy": float(np.mean(hits)), "length_error": float(np.mean(errors))}
+
+
+def length_honoured(entries: Sequence[dict], length: tuple[int, int]) -> dict:
+  """`length_honoured`: the fraction of all candidates whose word count is in the requested
+  [min, max] (1 by construction; measured on the decoded captions)."""
+  lo, hi = length
+  counts = [len(c["caption"].split()) for e in entries for c in e["candidates"]]
+  return {"length_honoured": float(np.mean([lo <= k <= hi for k in counts]))}
 
 
 def write_outputs(out_dir: str, metrics: dict, entries: list[dict] | None, title: str,

@@ -133,6 +133,7 @@ class Captioner:
     self.mesh = clip.mesh
     self.params = jax.device_put(bundle.params, NamedSharding(self.mesh, P()))
     self._samplers: dict[tuple, Any] = {}
+    self._length_fn = None
     # Images per sampler call: sampler.batch_size, rounded up to fill the local devices.
     self.sample_batch = clip_lib.round_up(int(bundle.config.sampler.batch_size), self.mesh.devices.size)
 
@@ -148,26 +149,68 @@ class Captioner:
 
   # -- the pure pieces, for people composing their own loops --------------------------------
 
+  def sampling_options(self, solver: str | None = None, guidance: float | None = None,
+                       length: str | None = None) -> dict:
+    """{"solver", "guidance", "length"}: the sampler options given (None: the config's
+    `sampler.*`), checked against this model; a bad one raises ValueError naming it."""
+    s, cfg = self.bundle.config.sampler, self.bundle.model.cfg
+    solver = solver or s.get("solver", "ddim")
+    if solver not in sampler_lib.SOLVERS:
+      raise ValueError(f"solver: unknown {solver!r}; expected one of {', '.join(sampler_lib.SOLVERS)}")
+    guidance = float(s.get("guidance", 1.0) if guidance is None else guidance)
+    if not np.isfinite(guidance) or guidance < 0:
+      raise ValueError(f"guidance: must be a number >= 0 (1 = no guidance), got {guidance}")
+    if guidance != 1.0 and cfg.cond_drop <= 0:
+      raise ValueError(f"guidance: {guidance} needs a model trained with model.cond_drop > 0; this "
+                       "one has no null condition (use 1)")
+    length = str(s.get("length", "") if length is None else length).strip()
+    try:
+      sampler_lib.parse_length(length, cfg.max_len, cfg.length_head)
+    except ValueError as e:
+      raise ValueError(f"length: {e}") from None
+    return {"solver": solver, "guidance": guidance, "length": length}
+
   def sample_fn(self, steps: int, eta: float, mode: str | None = None, clamp: bool | None = None,
-                solver: str | None = None):
+                solver: str | None = None, guidance: float | None = None, length: str | None = None):
     """A jitted `f(params, features_BF, keys_BN) -> token ids (B, N, L)`, batch sharded on data;
-    `solver` by name (`sampler.SOLVERS`; default: the config's `sampler.solver`)."""
+    `solver` by name (`sampler.SOLVERS`), `guidance` scale and `length` ("", "auto", "N",
+    "MIN-MAX") as in `sampling_options` (defaults: the config's `sampler.*`)."""
     s = self.bundle.config.sampler
     mode = mode or s.mode
     clamp = s.clamp if clamp is None else clamp
-    solver = solver or s.get("solver", "ddim")
-    key = (steps, float(eta), mode, bool(clamp), solver)
+    opts = self.sampling_options(solver, guidance, length)
+    key = (steps, float(eta), mode, bool(clamp), *opts.values())
     if key not in self._samplers:
-      d = self.bundle.config.diffusion
+      d, cfg = self.bundle.config.diffusion, self.bundle.model.cfg
       sched = sampler_lib.make_sampling_schedule(d.schedule, d.num_steps, steps, mode)
       batch = NamedSharding(self.mesh, P("data"))
       fn = functools.partial(sampler_lib.sample_tokens, self.bundle.model, sched=sched,
                              eta=float(eta), clamp=bool(clamp),
-                             solver=sampler_lib.make_solver(solver, float(eta)))
+                             solver=sampler_lib.make_solver(opts["solver"], float(eta)),
+                             guidance=opts["guidance"],
+                             length=sampler_lib.parse_length(opts["length"], cfg.max_len,
+                                                             cfg.length_head))
       self._samplers[key] = jax.jit(lambda p, f, k: fn(p, f, k),
                                     in_shardings=(NamedSharding(self.mesh, P()), batch, batch),
                                     out_shardings=batch)
     return self._samplers[key]
+
+  def length_distribution(self, features_BF: np.ndarray) -> np.ndarray:
+    """(B, max_len + 1) probabilities of each caption length in words (a model trained with
+    `model.length_head`)."""
+    if not self.bundle.model.cfg.length_head:
+      raise ValueError("this model was trained without model.length_head; it predicts no length")
+    if self._length_fn is None:
+      self._length_fn = jax.jit(lambda p, f: jax.nn.softmax(
+          self.bundle.model.apply(p, f, method="length_logits")))
+    return np.asarray(self._length_fn(self.params, jnp.asarray(self._standardize(features_BF))))
+
+  def _standardize(self, features_BF: np.ndarray) -> np.ndarray:
+    features_BF = np.asarray(features_BF, np.float32)
+    if self.bundle.feature_stats is not None:  # the model saw standardised features
+      mean, std = self.bundle.feature_stats
+      features_BF = (features_BF - mean) / std
+    return features_BF
 
   def rerank(self, image_emb_BF: np.ndarray, captions: Sequence[Sequence[str]]) -> np.ndarray:
     """Cosine (B, N) between each image and each of its candidate captions (rerank CLIP)."""
@@ -183,9 +226,11 @@ class Captioner:
 
   def caption(self, images: Sequence[Any], num_candidates: int | None = None,
               steps: int | None = None, seed: int = 0, eta: float | None = None,
-              batch_size: int | None = None, solver: str | None = None) -> list[dict]:
+              batch_size: int | None = None, solver: str | None = None,
+              guidance: float | None = None, length: str | None = None) -> list[dict]:
     """[{"caption": best, "candidates": [{"caption", "score"}, ...] best first}, ...] per image.
 
+    `solver`, `guidance` and `length` as in `sampling_options` (default: the config's).
     Images are paths, PIL images or uint8 arrays. Results depend only on (seed, position of the
     image in `images`, candidate index), not on batching. With n = 1 no reranking is done and
     the score is None.
@@ -195,6 +240,7 @@ class Captioner:
     steps = int(steps or s.steps)
     eta = s.eta if eta is None else eta
     batch_size = int(batch_size or s.batch_size)
+    opts = self.sampling_options(solver, guidance, length)  # checked before any work
     pil = [to_image(im) for im in images]
     results = []
     for start in range(0, len(pil), batch_size):
@@ -203,30 +249,31 @@ class Captioner:
       emb = feats if self.rerank_clip is self.clip else self.rerank_clip.encode_images(
           self.rerank_clip.preprocess(chunk))
       results += self.caption_features(feats, emb, n, steps, seed, eta,
-                                       offsets=np.arange(start, start + len(chunk)), solver=solver)
+                                       offsets=np.arange(start, start + len(chunk)), **opts)
     return results
 
   def caption_features(self, features_BF: np.ndarray, rerank_emb_BF: np.ndarray | None,
                        num_candidates: int, steps: int, seed: int, eta: float,
-                       offsets: np.ndarray | None = None, solver: str | None = None) -> list[dict]:
+                       offsets: np.ndarray | None = None, solver: str | None = None,
+                       guidance: float | None = None, length: str | None = None) -> list[dict]:
     """`caption` from precomputed CLIP features (and the rerank CLIP's image embeddings)."""
-    tokens = self.sample_tokens(features_BF, num_candidates, steps, seed, eta, offsets, solver)
+    tokens = self.sample_tokens(features_BF, num_candidates, steps, seed, eta, offsets, solver,
+                                guidance, length)
     captions = [[self.bundle.vocab.decode(t) for t in cands] for cands in tokens]
     scores = self.rerank(rerank_emb_BF, captions) if num_candidates > 1 else None
     return rank_candidates(captions, scores, num_candidates)
 
   def sample_tokens(self, features_BF: np.ndarray, num_candidates: int, steps: int, seed: int,
-                    eta: float, offsets: np.ndarray | None = None,
-                    solver: str | None = None) -> np.ndarray:
+                    eta: float, offsets: np.ndarray | None = None, solver: str | None = None,
+                    guidance: float | None = None, length: str | None = None) -> np.ndarray:
     """Token ids (B, N, L) for B feature vectors, in calls of exactly `sample_batch` images (the
-    last padded), so the sampler compiles once per (n, steps) whatever B is; `solver` as in
-    `sample_fn`."""
+    last padded), so the sampler compiles once per (n, steps, options) whatever B is; the
+    options as in `sample_fn`."""
     B = features_BF.shape[0]
     offsets = np.arange(B) if offsets is None else np.asarray(offsets)
-    if self.bundle.feature_stats is not None:  # the model saw standardised features
-      mean, std = self.bundle.feature_stats
-      features_BF = (np.asarray(features_BF, np.float32) - mean) / std
-    fn, chunk = self.sample_fn(steps, eta, solver=solver), self.sample_batch
+    features_BF = self._standardize(features_BF)
+    fn = self.sample_fn(steps, eta, solver=solver, guidance=guidance, length=length)
+    chunk = self.sample_batch
     out = [np.zeros((0, num_candidates, int(self.bundle.config.data.max_len)), np.int32)]
     for start in range(0, B, chunk):
       feats = np.asarray(features_BF[start:start + chunk], np.float32)

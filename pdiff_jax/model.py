@@ -91,6 +91,14 @@ class ModelConfig:
   # other layout), and GELU by its tanh approximation instead of the exact erf.
   fused_qkv: bool = False
   gelu: str = "erf"
+  # Additions since the paper, off by default (no parameters, the original's numbers):
+  # `cond_drop` > 0 gives a learned null prefix that training puts in place of the image's with
+  # that probability (classifier-free guidance); `self_cond` > 0 a projection of the previous x0
+  # estimate added to the text path (self-conditioning, used with that probability in training);
+  # `length_head` an MLP from the CLIP embedding to the caption's length (0..max_len words).
+  cond_drop: float = 0.0
+  self_cond: float = 0.0
+  length_head: bool = False
 
 
 class Dense(nn.Module):
@@ -286,6 +294,22 @@ class PrefixDenoiser(nn.Module):
     self.down_fc1 = dense(cfg.hidden_size, ("embed", "embed_out"), "down_fc1")
     self.down_fc2 = dense(cfg.word_dim, ("embed", "word"), "down_fc2")
     self.dropout = nn.Dropout(cfg.dropout)
+    if cfg.cond_drop > 0:
+      # The null condition is a learned (P, D) prefix, not the prefix of a zeroed feature: a zero
+      # feature is a real point of the feature space (the mean image, with standardised
+      # features), and its prefix would be tied to the mapper's biases.
+      self.null_prefix = embed_table(self, "null_prefix", cfg.prefix_len, cfg.hidden_size,
+                                     ("position", "embed"), cfg)
+    if cfg.self_cond > 0:
+      self.self_cond_proj = dense(cfg.hidden_size, ("word", "embed"), "self_cond_proj")
+    if cfg.length_head:
+      self.length_fc1 = dense(cfg.hidden_size, ("feature", "mlp"), "length_fc1")
+      self.length_fc2 = dense(cfg.max_len + 1, ("mlp", None), "length_fc2")
+
+  def length_logits(self, clip_BF: jax.Array) -> jax.Array:
+    """(B, max_len + 1) fp32 logits of the caption's length in words (the length head)."""
+    h = jax.nn.relu(self.length_fc1(clip_BF.astype(self.cfg.dtype)))
+    return self.length_fc2(h).astype(jnp.float32)
 
   def embed(self, ids_BL: jax.Array) -> jax.Array:
     """Token ids -> word embeddings E[w] (the mean of x0), in fp32."""
@@ -302,20 +326,33 @@ class PrefixDenoiser(nn.Module):
     return nn.with_logical_constraint(logits_BLV + bias_V, ("batch", "length", "vocab"))
 
   def __call__(self, x_BLW: jax.Array, t_B: jax.Array, clip_BF: jax.Array,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, cond_B: jax.Array | None = None,
+               x0_self_BLW: jax.Array | None = None) -> jax.Array:
+    """`cond_B` (bool, default all True): False puts the null prefix in place of the image's
+    (a model with `cond_drop`); `x0_self_BLW`: the self-conditioning input (a model with
+    `self_cond`; default zeros, "no estimate")."""
     cfg = self.cfg
+    if cond_B is not None and cfg.cond_drop <= 0:
+      raise ValueError("cond_B needs a model trained with cond_drop > 0 (it has no null prefix)")
+    if cfg.length_head and self.is_initializing():
+      self.length_logits(clip_BF)  # creates the head's parameters
     drop = lambda y: self.dropout(y, deterministic=deterministic)
     length = x_BLW.shape[1]
     cast = lambda a: a.astype(cfg.dtype)
 
     # Prefix path: no timestep embedding.
     prefix_BPD = self.mapper(clip_BF, deterministic)
+    if cond_B is not None:
+      prefix_BPD = jnp.where(cond_B[:, None, None], prefix_BPD, cast(self.null_prefix)[None])
     prefix_BPD = prefix_BPD + cast(self.token_type_embedding[0]) + cast(self.prefix_position_embedding)
     prefix_BPD = drop(self.prefix_ln(prefix_BPD))
 
     # Text path: up-projected noisy embeddings + position + timestep + token type.
     time_BD = self.time_fc2(jax.nn.silu(self.time_fc1(timestep_embedding(t_B, cfg.time_embed_dim))))
     text_BLD = self.up_fc2(drop(jnp.tanh(self.up_fc1(x_BLW))))
+    if cfg.self_cond > 0:
+      x0_self_BLW = jnp.zeros_like(x_BLW) if x0_self_BLW is None else x0_self_BLW
+      text_BLD = text_BLD + self.self_cond_proj(x0_self_BLW)
     text_BLD = (text_BLD + cast(self.position_embedding[:length])[None] + time_BD[:, None]
                 + cast(self.token_type_embedding[1]))
     text_BLD = drop(self.text_ln(text_BLD))
@@ -373,19 +410,27 @@ def forward_flops(cfg: ModelConfig, *, with_mapper: bool = True, with_head: bool
   flops = 2 * (cfg.time_embed_dim * cfg.time_hidden + cfg.time_hidden * D)
   flops += 2 * L * (W * D + D * D) * 2  # up and down projections
   flops += cfg.num_layers * (8 * T * D * D + 4 * T * T * D + 4 * T * D * cfg.mlp_dim)
+  if cfg.self_cond > 0:
+    flops += 2 * L * W * D  # the projection of the x0 estimate
   if with_mapper:
     flops += 2 * (cfg.feature_dim * cfg.mapper_hidden + cfg.mapper_hidden * P * D)
+    if cfg.length_head:
+      flops += 2 * (cfg.feature_dim * D + D * (L + 1))
   if with_head:
     flops += 2 * L * W * cfg.vocab_size
   return flops
 
 
 def train_flops_per_example(cfg: ModelConfig) -> int:
-  """Forward + backward (twice the forward) of one training example."""
-  return 3 * forward_flops(cfg)
+  """Forward + backward (twice the forward) of one training example; with `self_cond`, plus
+  the forward pass without gradient that makes the estimate (every example runs it)."""
+  extra = forward_flops(cfg, with_head=False) if cfg.self_cond > 0 else 0
+  return 3 * forward_flops(cfg) + extra
 
 
-def denoise_step_flops(cfg: ModelConfig) -> int:
+def denoise_step_flops(cfg: ModelConfig, guided: bool = False) -> int:
   """One candidate, one sampling step: the denoiser plus nearest-embedding search; the mapper
-  runs once per image, not per step."""
-  return forward_flops(cfg, with_mapper=False)
+  runs once per image, not per step. `guided` (classifier-free guidance): the network twice (the
+  conditional and unconditional halves of one batch), the search once."""
+  network = forward_flops(cfg, with_mapper=False, with_head=False)
+  return (2 if guided else 1) * network + 2 * cfg.max_len * cfg.word_dim * cfg.vocab_size

@@ -1,5 +1,7 @@
 """Sampling: solvers (DDIM, DPM-Solver++(2M)) as step rules, the whole chain in one
-`fori_loop`, n candidates per image by vmap.
+`fori_loop`, n candidates per image by vmap; classifier-free guidance wraps the denoiser,
+self-conditioning is a denoiser that reads the previous estimate, and a length constrains
+positions (the k-diffusion shape: a sampler is a function of (denoiser, x, schedule)).
 
 Pure functions of arrays (no files, no flags). The original samples with a fresh schedule of
 T_sample steps (`rediscretise`, model fed t * 1000 / T_sample); `respace` instead keeps an
@@ -20,6 +22,9 @@ from pdiff_jax import diffusion
 from pdiff_jax import model as model_lib
 
 MODES = ("rediscretise", "respace")
+PAD_ID = 0  # data.vocab.PAD_ID (this module reads no files, so it does not import data/)
+# Each candidate's length is drawn from its key folded with this (apart from the chain's keys).
+_LENGTH_STREAM = 0x6C656E
 
 
 class SamplingSchedule(NamedTuple):
@@ -60,10 +65,14 @@ def make_sampling_schedule(schedule_name: str, num_train_steps: int, num_steps: 
   return SamplingSchedule(f32(abar), f32(abar_prev), f32(model_t))
 
 
-def nearest_embedding(x_LW: jax.Array, table_VW: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(rows of the table nearest to each x in L2, their ids); one matmul, no (L, V, W) tensor."""
+def nearest_embedding(x_LW: jax.Array, table_VW: jax.Array,
+                      allowed_LV: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(rows of the table nearest to each x in L2, their ids); one matmul, no (L, V, W) tensor.
+  With `allowed_LV` (bool) position l only takes the words allowed there."""
   dist_LV = (jnp.sum(x_LW ** 2, -1, keepdims=True) - 2.0 * x_LW @ table_VW.T
              + jnp.sum(table_VW ** 2, -1)[None])
+  if allowed_LV is not None:
+    dist_LV = jnp.where(allowed_LV, dist_LV, jnp.inf)
   ids_L = jnp.argmin(dist_LV, axis=-1)
   return table_VW[ids_L], ids_L
 
@@ -132,15 +141,47 @@ def make_solver(name: str, eta: float = 1.0) -> Solver:
   return SOLVERS[name](eta)
 
 
-def sample_chain(denoise: Callable[[jax.Array, jax.Array], jax.Array], table_VW: jax.Array,
-                 sched: SamplingSchedule, key: jax.Array, shape: tuple[int, int], *,
-                 eta: float = 1.0, clamp: bool = True, x_T: jax.Array | None = None,
-                 solver: Solver | None = None) -> jax.Array:
+def parse_length(spec: str, max_len: int, has_head: bool) -> tuple[int, int] | None:
+  """`sampler.length` / `--length` -> (min, max) words, or None (the model decides, the
+  original). "auto": 1..max_len drawn from the length head's distribution; "N"; "MIN-MAX" (drawn
+  from the head's distribution over that range, or uniformly for a model without a head)."""
+  spec = str(spec).strip()
+  if spec == "":
+    return None
+  if spec == "auto":
+    if not has_head:
+      raise ValueError("'auto' needs a model trained with model.length_head (it predicts no length)")
+    return 1, max_len
+  lo, sep, hi = spec.partition("-")
+  try:
+    lo_n, hi_n = int(lo), int(hi if sep else lo)
+  except ValueError:
+    raise ValueError(f"{spec!r} is not auto, N or MIN-MAX") from None
+  if not 1 <= lo_n <= hi_n <= max_len:
+    raise ValueError(f"{spec!r}: lengths must satisfy 1 <= MIN <= MAX <= max_len={max_len}")
+  return lo_n, hi_n
+
+
+def length_mask(num_words: jax.Array, max_len: int, vocab_size: int) -> jax.Array:
+  """(L, V) bool: the first `num_words` positions take any word but PAD, the rest only PAD."""
+  pos_L1 = jnp.arange(max_len)[:, None]
+  word_1V = jnp.arange(vocab_size)[None]
+  return jnp.where(pos_L1 < num_words, word_1V != PAD_ID, word_1V == PAD_ID)
+
+
+def sample_chain(denoise: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+                 table_VW: jax.Array, sched: SamplingSchedule, key: jax.Array,
+                 shape: tuple[int, int], *, eta: float = 1.0, clamp: bool = True,
+                 x_T: jax.Array | None = None, solver: Solver | None = None,
+                 allowed_LV: jax.Array | None = None) -> jax.Array:
   """One candidate: x_T ~ N(0, I) of `shape` (L, W) denoised to x_0; returns x_0 (L, W).
 
-  `denoise(x_LW, model_t)` predicts x0 for one candidate; with `clamp` the estimate is replaced
-  by its nearest word embeddings before the solver (default: `ddim(eta)`) takes the step. Step
-  k's noise key is `fold_in(key, k)`.
+  `denoise(x_LW, model_t, x0_prev_LW)` predicts x0 for one candidate; `x0_prev` is its previous
+  estimate (zeros at the first step), which a self-conditioned denoiser reads and others ignore.
+  With `clamp` the estimate is replaced by its nearest word embeddings (only the words
+  `allowed_LV` allows at each position, e.g. a `length_mask`; without `clamp` the positions that
+  must be PAD are set to its embedding) before the solver (default: `ddim(eta)`) takes the step.
+  Step k's noise key is `fold_in(key, k)`.
   """
   solver = ddim(eta) if solver is None else solver
   key_T, key_steps = jax.random.split(key)
@@ -148,42 +189,101 @@ def sample_chain(denoise: Callable[[jax.Array, jax.Array], jax.Array], table_VW:
   S = sched.num_steps
 
   def body(i, carry):
-    x, state = carry
+    x, x0_prev, state = carry
     k = S - 1 - i
-    x0_hat = denoise(x, sched.model_t[k])
+    x0_raw = denoise(x, sched.model_t[k], x0_prev)
+    x0_hat = x0_raw
     if clamp:
-      x0_hat, _ = nearest_embedding(x0_hat, table_VW)
-    return solver.step(x, x0_hat, k, sched, state, jax.random.fold_in(key_steps, k))
+      x0_hat, _ = nearest_embedding(x0_hat, table_VW, allowed_LV)
+    elif allowed_LV is not None:
+      only_pad_L = allowed_LV[:, PAD_ID] & (allowed_LV.sum(-1) == 1)
+      x0_hat = jnp.where(only_pad_L[:, None], table_VW[PAD_ID][None], x0_hat)
+    x, state = solver.step(x, x0_hat, k, sched, state, jax.random.fold_in(key_steps, k))
+    return x, x0_raw, state
 
-  return jax.lax.fori_loop(0, S, body, (x, solver.init(x)))[0]
+  return jax.lax.fori_loop(0, S, body, (x, jnp.zeros_like(x), solver.init(x)))[0]
 
 
-def model_denoiser(model, params, clip_F: jax.Array):
-  """Adapts the network (batched, in flax) to `denoise(x_LW, model_t)` for one candidate."""
+def classifier_free(denoise_batch: Callable[..., jax.Array], scale: float):
+  """Classifier-free guidance around a batched denoiser `denoise_batch(x_ZLW, model_t, cond_Z,
+  x0_prev_ZLW)` (cond_Z False = the null condition): x0 = x0_u + scale (x0_c - x0_u), both from
+  one call of batch 2. scale 1 is the conditional model alone, 0 the unconditional."""
 
-  def denoise(x_LW, model_t):
-    return model.apply(params, x_LW[None], model_t[None], clip_F[None])[0]
+  def denoise(x_LW, model_t, x0_prev_LW):
+    both = denoise_batch(jnp.stack([x_LW, x_LW]), model_t, jnp.array([True, False]),
+                         jnp.stack([x0_prev_LW, x0_prev_LW]))
+    return both[1] + scale * (both[0] - both[1])
 
   return denoise
 
 
+def model_denoiser(model, params, clip_F: jax.Array, guidance: float = 1.0):
+  """Adapts the network (batched, in flax) to `denoise(x_LW, model_t, x0_prev_LW)` for one
+  candidate: self-conditioned if the model was trained so (`self_cond`), and guided with
+  `guidance` != 1 (`classifier_free`; needs a model trained with `cond_drop`)."""
+  self_cond = model.cfg.self_cond > 0
+
+  def denoise_batch(x_ZLW, model_t, cond_Z, x0_prev_ZLW):
+    Z = x_ZLW.shape[0]
+    return model.apply(params, x_ZLW, jnp.broadcast_to(model_t, (Z,)),
+                       jnp.broadcast_to(clip_F, (Z,) + clip_F.shape), cond_B=cond_Z,
+                       x0_self_BLW=x0_prev_ZLW if self_cond else None)
+
+  if guidance != 1.0:
+    return classifier_free(denoise_batch, guidance)
+
+  def denoise(x_LW, model_t, x0_prev_LW):
+    return denoise_batch(x_LW[None], model_t[None], None, x0_prev_LW[None])[0]
+
+  return denoise
+
+
+def candidate_lengths(model, params, clip_BF: jax.Array, keys_BN: jax.Array,
+                      length: tuple[int, int]) -> jax.Array:
+  """(B, N) caption lengths in [min, max] words: drawn from the length head's distribution
+  (renormalised over the range) or, for a model without a head, uniformly; each from its
+  candidate's key, so a candidate's length does not depend on the batching."""
+  lo, hi = length
+  J = model.cfg.max_len + 1
+  if model.cfg.length_head:
+    logits_BJ = model.apply(params, clip_BF, method="length_logits")
+  else:
+    logits_BJ = jnp.zeros((clip_BF.shape[0], J), jnp.float32)
+  in_range_J = (jnp.arange(J) >= lo) & (jnp.arange(J) <= hi)
+  logits_BJ = jnp.where(in_range_J, logits_BJ, -jnp.inf)
+  draw = lambda key, logits: jax.random.categorical(jax.random.fold_in(key, _LENGTH_STREAM), logits)
+  return jax.vmap(lambda keys_N, logits: jax.vmap(lambda k: draw(k, logits))(keys_N))(
+      keys_BN, logits_BJ).astype(jnp.int32)
+
+
 def sample_tokens(model, params, clip_BF: jax.Array, keys_BN: jax.Array, sched: SamplingSchedule,
-                  *, eta: float = 1.0, clamp: bool = True, solver: Solver | None = None) -> jax.Array:
+                  *, eta: float = 1.0, clamp: bool = True, solver: Solver | None = None,
+                  guidance: float = 1.0, length: tuple[int, int] | None = None) -> jax.Array:
   """Token ids (B, N, L): N candidates for each of B images, all in parallel (vmap x vmap);
-  `solver` as in `sample_chain` (default: DDIM with `eta`)."""
+  `solver` as in `sample_chain` (default: DDIM with `eta`), `guidance` as in `model_denoiser`,
+  `length` (min, max) words per candidate as in `candidate_lengths` (None: the model decides);
+  positions past a candidate's length are PAD by construction, the ones before it are words."""
   cfg = model.cfg
   # The real words only: the table's vocabulary padding rows are never a nearest embedding.
   table = params["params"]["word_embedding"][:cfg.vocab_size].astype(jnp.float32)
   params = model_lib.dense_params_in(params, cfg.dtype)  # cast once, not at every step
+  B, N = keys_BN.shape[:2]
+  lengths_BN = (jnp.zeros((B, N), jnp.int32) if length is None
+                else candidate_lengths(model, params, clip_BF, keys_BN, length))
 
-  def one(clip_F, key):
-    x0 = sample_chain(model_denoiser(model, params, clip_F), table, sched, key,
-                      (cfg.max_len, cfg.word_dim), eta=eta, clamp=clamp, solver=solver)
+  def one(clip_F, key, num_words):
+    allowed_LV = None if length is None else length_mask(num_words, cfg.max_len, cfg.vocab_size)
+    x0 = sample_chain(model_denoiser(model, params, clip_F, guidance), table, sched, key,
+                      (cfg.max_len, cfg.word_dim), eta=eta, clamp=clamp, solver=solver,
+                      allowed_LV=allowed_LV)
     logits = model.apply(params, x0[None], method="logits")[0]
+    if allowed_LV is not None:
+      pad = model_lib.padded_vocab(cfg.vocab_size) - cfg.vocab_size
+      logits = jnp.where(jnp.pad(allowed_LV, ((0, 0), (0, pad))), logits, -jnp.inf)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  per_image = jax.vmap(one, in_axes=(None, 0))      # n seeds
-  return jax.vmap(per_image, in_axes=(0, 0))(clip_BF, keys_BN)  # images
+  per_image = jax.vmap(one, in_axes=(None, 0, 0))      # n seeds
+  return jax.vmap(per_image, in_axes=(0, 0, 0))(clip_BF, keys_BN, lengths_BN)  # images
 
 
 def candidate_keys(seed: int, image_offsets: jax.Array, num_candidates: int) -> jax.Array:

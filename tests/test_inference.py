@@ -76,7 +76,7 @@ def test_caption_structure_reproducibility_and_diversity(captioner, image_paths)
   # and DPM-Solver++ is as reproducible as DDIM.
   dpm = captioner.caption(images[:1], num_candidates=3, steps=5, seed=1, solver="dpmpp2m")
   assert dpm == captioner.caption(images[:1], num_candidates=3, steps=5, seed=1, solver="dpmpp2m")
-  assert {key[-1] for key in captioner._samplers} == {"ddim", "dpmpp2m"}
+  assert {key[4] for key in captioner._samplers} == {"ddim", "dpmpp2m"}  # (steps, eta, mode, clamp, solver, ...)
 
 
 def test_rerank_order_equals_independent_cosine(captioner, clip_dir, image_paths):
@@ -134,3 +134,59 @@ def test_caption_command(trained_workdir, image_paths, tmp_path):
   assert [l.split("\t") for l in lines] == [[o["image"], o["caption"]] for o in out]
   r3 = run_pdiff("caption", f"--workdir={tmp_path}", png, env=env)
   assert r3.returncode == 1 and "not a training workdir" in r3.stderr and "Traceback" not in r3.stderr
+
+
+@pytest.fixture(scope="module")
+def options_workdir(trained_workdir, tmp_path_factory):
+  """The tiny model again on the same features, trained with the three additions on."""
+  import jax
+  from pdiff_jax import config as config_lib, storage, train
+  config = config_lib.from_json(storage.read_text(os.path.join(trained_workdir[0], "config.json")))
+  with config.unlocked():
+    config.model.cond_drop, config.model.self_cond, config.model.length_head = 0.2, 0.5, True
+    config.train.num_steps, config.train.checkpoint_every = 50, 50
+  workdir = str(tmp_path_factory.mktemp("options") / "workdir")
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return workdir
+
+
+def test_guidance_self_conditioning_and_length_from_a_trained_workdir(options_workdir, image_paths):
+  from pdiff_jax import evaluate
+  captioner = Captioner.from_workdir(options_workdir)
+  logged = [json.loads(l) for l in open(os.path.join(options_workdir, "metrics.jsonl"))]
+  assert all("loss_length" in r for r in logged if "loss" in r)
+  images = [Image.open(p) for p in image_paths]
+  plain = captioner.caption(images, num_candidates=4, steps=5, seed=0)
+  guided = captioner.caption(images, num_candidates=4, steps=5, seed=0, guidance=3.0)
+  assert guided == captioner.caption(images, num_candidates=4, steps=5, seed=0, guidance=3.0)
+  assert [c["caption"] for r in guided for c in r["candidates"]] != [
+      c["caption"] for r in plain for c in r["candidates"]]
+  for length, (lo, hi) in (("3", (3, 3)), ("2-4", (2, 4))):
+    out = captioner.caption(images, num_candidates=4, steps=5, seed=0, length=length)
+    assert all(lo <= len(c["caption"].split()) <= hi for r in out for c in r["candidates"])
+  auto = captioner.caption(images, num_candidates=4, steps=5, seed=0, length="auto", guidance=2.0)
+  assert auto == captioner.caption(images, num_candidates=4, steps=5, seed=0, length="auto", guidance=2.0)
+  probs = captioner.length_distribution(captioner.features(images[:1]))
+  assert probs.shape == (1, captioner.bundle.model.cfg.max_len + 1)
+  np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-5)
+  for bad, match in (({"guidance": -1.0}, "guidance: must be"), ({"length": "0-99"}, "length: "),
+                     ({"solver": "euler"}, "solver: unknown")):
+    with pytest.raises(ValueError, match=match):
+      captioner.caption(images, **bad)
+  m = evaluate.evaluate(options_workdir, "test", num_candidates=3, steps=5, captioner=captioner,
+                        progress=False, guidance=2.0, length="2-5")
+  assert m["guidance"] == 2.0 and m["length"] == "2-5" and m["length_honoured"] == 1.0
+  assert 0.0 <= m["length_accuracy"] <= 1.0 and m["length_error"] >= 0.0
+
+
+def test_sampling_options_need_a_model_trained_for_them(captioner, trained_workdir, image_paths, tmp_path):
+  with pytest.raises(ValueError, match="guidance: 2.0 needs a model trained with model.cond_drop"):
+    captioner.caption(image_paths[:1], guidance=2.0)
+  with pytest.raises(ValueError, match="length: 'auto' needs a model trained with model.length_head"):
+    captioner.caption(image_paths[:1], length="auto")
+  out = captioner.caption(image_paths[:1], num_candidates=3, steps=4, length="2")  # N works on any model
+  assert all(len(c["caption"].split()) == 2 for c in out[0]["candidates"])
+  r = run_pdiff("caption", f"--workdir={trained_workdir[0]}", "--guidance=2", image_paths[0],
+                env={"XLA_FLAGS": ""})
+  assert r.returncode == 2 and "--guidance: 2.0 needs a model trained with model.cond_drop" in r.stderr
+  assert "Traceback" not in r.stderr

@@ -189,7 +189,7 @@ def _chain_before_the_solver_seam(denoise, table, sched, key, shape, eta):
 
   def body(i, x):
     k = sched.num_steps - 1 - i
-    x0_hat, _ = S.nearest_embedding(denoise(x, sched.model_t[k]), table)
+    x0_hat, _ = S.nearest_embedding(denoise(x, sched.model_t[k], jnp.zeros_like(x)), table)
     noise = jax.random.normal(jax.random.fold_in(key_steps, k), shape, jnp.float32)
     return S.ddim_step(x, x0_hat, sched.alphas_cumprod[k], sched.alphas_cumprod_prev[k], eta, noise, k == 0)
 
@@ -230,7 +230,7 @@ def test_dpm_solver_2m_matches_diffusers(mode):
   def denoise_np(x, model_t):  # any smooth function of (x, t) will do
     return np.tanh(x @ w) * (1.0 - model_t / 2000.0) + 0.05 * x
 
-  denoise = lambda x, model_t: jnp.tanh(x @ jnp.asarray(w)) * (1.0 - model_t / 2000.0) + 0.05 * x
+  denoise = lambda x, model_t, x0_prev: jnp.tanh(x @ jnp.asarray(w)) * (1.0 - model_t / 2000.0) + 0.05 * x
   x_T = jax.random.normal(jax.random.key(4), shape)
   ours = S.sample_chain(denoise, None, sched, jax.random.key(0), shape, clamp=False, x_T=x_T,
                         solver=S.dpm_solver_2m())
@@ -261,3 +261,118 @@ def test_the_solver_is_a_config_key_and_a_flag(tiny):
       params, clip, keys)
   assert tokens.shape == (3, 2, model.cfg.max_len)
   assert np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < model.cfg.vocab_size))
+
+
+# -- the additions since the paper: guidance, self-conditioning, length ---------------------
+
+def _tiny_with(**options):
+  config = load_config("tiny", **{f"model.{k}": v for k, v in options.items()})
+  model = PrefixDenoiser(config_lib.model_config(config))
+  cfg = model.cfg
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, cfg.max_len, cfg.word_dim)),
+                                    jnp.zeros((1,)), jnp.zeros((1, cfg.feature_dim))))
+  return model, params
+
+
+class _Recording:
+  """The model, recording the batch size and keyword arguments of every denoiser call."""
+
+  def __init__(self, model):
+    self.model, self.cfg, self.calls = model, model.cfg, []
+
+  def apply(self, params, *args, **kwargs):
+    if "method" not in kwargs:
+      self.calls.append((args[0].shape[0], kwargs))
+    return self.model.apply(params, *args, **kwargs)
+
+
+def test_guidance_is_one_batched_call_of_the_cfg_formula():
+  model, params = _tiny_with(cond_drop=0.1)
+  cfg = model.cfg
+  clip_F = jax.random.normal(jax.random.key(1), (cfg.feature_dim,))
+  x = jax.random.normal(jax.random.key(2), (cfg.max_len, cfg.word_dim))
+  t, prev = jnp.float32(500.0), jnp.zeros_like(x)
+  rec = _Recording(model)
+  guided = S.model_denoiser(rec, params, clip_F, guidance=3.0)(x, t, prev)
+  assert [c[0] for c in rec.calls] == [2]  # conditional and unconditional in one call of batch 2
+  apply = lambda cond: model.apply(params, x[None], t[None], clip_F[None], cond_B=jnp.array([cond]))[0]
+  cond, uncond = apply(True), apply(False)
+  assert not np.allclose(cond, uncond)  # the null prefix is a different condition
+  np.testing.assert_allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
+  np.testing.assert_allclose(S.model_denoiser(model, params, clip_F, 0.0)(x, t, prev), uncond, atol=1e-6)
+  # guidance 1 is the conditional model alone, one call of batch 1: the original's path.
+  rec.calls.clear()
+  np.testing.assert_array_equal(S.model_denoiser(rec, params, clip_F, 1.0)(x, t, prev),
+                                model.apply(params, x[None], t[None], clip_F[None])[0])
+  assert [c[0] for c in rec.calls] == [1]
+  with pytest.raises(ValueError, match="cond_drop"):
+    tiny_model, tiny_params = _tiny_with()
+    S.model_denoiser(tiny_model, tiny_params, clip_F, 2.0)(x, t, prev)
+
+
+def test_self_conditioned_sampling_feeds_the_previous_estimate():
+  """sample_chain against a Python loop that hands the model its previous raw x0 estimate
+  (zeros first); the estimate changes the prediction, so feeding the wrong one would show."""
+  model, params = _tiny_with(self_cond=0.5)
+  cfg = model.cfg
+  clip_F = jax.random.normal(jax.random.key(1), (cfg.feature_dim,))
+  table = params["params"]["word_embedding"][:cfg.vocab_size]
+  sched = S.make_sampling_schedule("trunc_cos", 100, 6)
+  shape = (cfg.max_len, cfg.word_dim)
+  ours = S.sample_chain(S.model_denoiser(model, params, clip_F), table, sched, jax.random.key(3), shape)
+  net = jax.jit(lambda x, t, prev: model.apply(params, x[None], t[None], clip_F[None], x0_self_BLW=prev[None])[0])
+  key_T, key_steps = jax.random.split(jax.random.key(3))
+  x = jax.random.normal(key_T, shape)
+  prev, changed = jnp.zeros(shape), []
+  for k in reversed(range(sched.num_steps)):
+    raw = net(x, sched.model_t[k], prev)
+    changed.append(float(jnp.abs(raw - net(x, sched.model_t[k], jnp.zeros(shape))).max()))
+    x0_hat, _ = S.nearest_embedding(raw, table)
+    x, _ = S.ddim().step(x, x0_hat, k, sched, (), jax.random.fold_in(key_steps, k))
+    prev = raw
+  np.testing.assert_allclose(ours, x, atol=1e-5)
+  assert changed[0] == 0.0 and max(changed[1:]) > 1e-3
+
+
+def test_lengths_are_honoured_by_construction():
+  model, params = _tiny_with(length_head=True)
+  cfg = model.cfg
+  sched = S.make_sampling_schedule("trunc_cos", 100, 4)
+  clip = jax.random.normal(jax.random.key(1), (3, cfg.feature_dim))
+  keys = S.candidate_keys(0, jnp.arange(3), 6)
+  sample = jax.jit(lambda p, length: S.sample_tokens(model, p, clip, keys, sched, length=length),
+                   static_argnums=1)
+  for length in ((3, 3), (2, 6), (1, cfg.max_len)):
+    tokens = np.asarray(sample(params, length))
+    words = (tokens != S.PAD_ID).sum(-1)
+    assert np.all((words >= length[0]) & (words <= length[1]))
+    # the words come first, PAD after them: position l is a word iff l < the length
+    np.testing.assert_array_equal(tokens != S.PAD_ID, np.arange(cfg.max_len) < words[..., None])
+  # auto draws each candidate's length from the head: a head certain of 5 words gives 5 ...
+  head = jax.tree.map(jnp.zeros_like, params["params"]["length_fc2"])
+  certain = {"params": {**params["params"], "length_fc2": {**head, "bias": head["bias"].at[5].set(50.0)}}}
+  auto = S.parse_length("auto", cfg.max_len, True)
+  assert np.all((np.asarray(sample(certain, auto)) != S.PAD_ID).sum(-1) == 5)
+  # ... and one spread over 2..4 words gives candidates of different lengths, in that range.
+  spread = {"params": {**params["params"], "length_fc2": {**head, "bias": jnp.where(
+      (jnp.arange(cfg.max_len + 1) >= 2) & (jnp.arange(cfg.max_len + 1) <= 4), 0.0, -50.0)}}}
+  lengths = np.asarray(S.candidate_lengths(model, spread, clip, keys, auto))
+  assert set(lengths.ravel()) == {2, 3, 4}
+  # A candidate's length depends on its key alone, not on the batch it is drawn in.
+  np.testing.assert_array_equal(S.candidate_lengths(model, spread, clip[1:2], keys[1:2, 3:4], auto),
+                                lengths[1:2, 3:4])
+
+
+def test_parse_length():
+  assert S.parse_length("", 8, False) is None
+  assert S.parse_length("auto", 8, True) == (1, 8)
+  assert S.parse_length("5", 8, False) == (5, 5)
+  assert S.parse_length("2-6", 8, True) == (2, 6)
+  for bad, match in (("auto", "length_head"), ("0", "1 <= MIN"), ("3-2", "MIN <= MAX"),
+                     ("9", "max_len=8"), ("long", "auto, N or MIN-MAX")):
+    with pytest.raises(ValueError, match=match):
+      S.parse_length(bad, 8, False)
+  with pytest.raises(config_lib.ConfigError, match="sampler.length"):
+    config_lib.validate(load_config("tiny", **{"sampler.length": "auto"}))
+  with pytest.raises(config_lib.ConfigError, match="sampler.guidance.*cond_drop"):
+    config_lib.validate(load_config("tiny", **{"sampler.guidance": 2.0}))
