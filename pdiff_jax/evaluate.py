@@ -21,6 +21,7 @@ from pdiff_jax.metrics import clipscore, coco, diversity, exact
 
 SWEEP_CANDIDATES = (1, 2, 5, 10, 20)
 SWEEP_STEPS = (5, 10, 20, 50, 100, 200)
+SWEEP_GUIDANCE = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0)  # a model trained with model.cond_drop
 TABLE_KEYS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S", "Div-2",
               "mBLEU-4", "Vocab")
 
@@ -67,6 +68,21 @@ def _cider_div2(entries: Sequence[dict]) -> dict:
   cider = coco.cider({i: e["caption"] for i, e in enumerate(entries)}, refs)
   return {"CIDEr": cider, "Div-2": diversity.div_n([[c["caption"] for c in e["candidates"]]
                                                    for e in entries], 2)}
+
+
+def _guidance_point(entries: Sequence[dict], clip, image_emb: np.ndarray | None,
+                    attributes: Sequence[dict] | None) -> dict:
+  """What the guidance sweep plots: CIDEr, Div-2, mBLEU-4, CLIP-S (with a CLIP) and, on the
+  shapes, exactly_right; without the cost of the full metric set."""
+  out = _cider_div2(entries)
+  out["mBLEU-4"] = diversity.mbleu4([[c["caption"] for c in e["candidates"]] for e in entries])
+  if clip is not None and image_emb is not None:
+    cap = clip.encode_texts([clipscore.PREFIX + e["caption"] for e in entries])
+    out["CLIP-S"] = clipscore.clip_scores(image_emb, cap)["CLIP-S"]
+  if attributes is not None:
+    out["exactly_right"] = exact.shapes_scores([e["caption"] for e in entries], None,
+                                               attributes)["exactly_right"]
+  return out
 
 
 def markdown_table(metrics: dict, keys: Sequence[str] = TABLE_KEYS) -> str:
@@ -212,6 +228,15 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
       cs, sc = sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress, **opts)
       sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
       sweeps["steps"].append({"steps": st, **(_cider_div2(sub) if lead else {})})
+    if cfg.cond_drop > 0:  # the fidelity / diversity trade-off of the guidance scale
+      sweeps["guidance"] = []
+      attrs = [truth[e["image_id"]] for e in entries] if truth is not None else None
+      for g in SWEEP_GUIDANCE:
+        cs, sc = sample_split(captioner, features, rerank_emb, n, steps, seed, eta, progress,
+                              **{**opts, "guidance": g})
+        sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
+        point = _guidance_point(sub, eval_clip, embeddings(eval_clip), attrs) if lead else {}
+        sweeps["guidance"].append({"guidance": g, **point})
     metrics["sweep"] = sweeps
   metrics["seconds"] = time.perf_counter() - t0
 

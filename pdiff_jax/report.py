@@ -50,16 +50,19 @@ def _thumbnail(path: str) -> str | None:
   return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _plot(points: Sequence[dict], x: str, title: str) -> str:
+def _plot(points: Sequence[dict], x: str, title: str, left: str = "CIDEr",
+          log_x: bool = True) -> str:
+  """A PNG data URI: `left` (CIDEr or a fraction, as %) on the left axis, Div-2 on the right."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax1 = plt.subplots(figsize=(4.8, 3.2), dpi=100)
   xs = [p[x] for p in points]
-  ax1.plot(xs, [100 * p["CIDEr"] for p in points], "o-", color="tab:blue", label="CIDEr")
+  ax1.plot(xs, [100 * p[left] for p in points], "o-", color="tab:blue", label=left)
   ax1.set_xlabel(x)
-  ax1.set_ylabel("CIDEr", color="tab:blue")
-  ax1.set_xscale("log")
+  ax1.set_ylabel(left if left == "CIDEr" else f"{left} (%)", color="tab:blue")
+  if log_x:
+    ax1.set_xscale("log")
   ax2 = ax1.twinx()
   ax2.plot(xs, [p["Div-2"] for p in points], "s--", color="tab:orange", label="Div-2")
   ax2.set_ylabel("Div-2", color="tab:orange")
@@ -133,6 +136,11 @@ def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: i
       parts.append(f"<img alt='CIDEr and Div-2 against n' src='{_plot(sweep['candidates'], 'n', 'against candidates n')}'>")
     if sweep.get("steps"):
       parts.append(f"<img alt='CIDEr and Div-2 against steps' src='{_plot(sweep['steps'], 'steps', 'against sampling steps')}'>")
+    if sweep.get("guidance"):
+      points = sweep["guidance"]
+      left = "exactly_right" if points[0].get("exactly_right") is not None else "CIDEr"
+      parts.append(f"<img alt='{left} and Div-2 against the guidance scale' "
+                   f"src='{_plot(points, 'guidance', 'against the guidance scale', left, log_x=False)}'>")
   limit = len(entries) if max_thumbnails is None else max_thumbnails
   parts.append(f"<h2>Captions ({len(entries)} images)</h2>")
   if limit < len(entries):

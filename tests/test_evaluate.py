@@ -159,3 +159,14 @@ def test_report_with_a_summary_first_marks_exact_and_ungrammatical_candidates():
   assert "exactly right</span>" not in items[1] and "ungrammatical" not in items[1]
   assert "ungrammatical</span>" in items[2]
   assert report.render("t", {"CIDEr": 2.0}, entries).index("<h2>Metrics") < page.index("<h2>Captions")
+
+
+def test_report_plots_the_guidance_sweep(tmp_path):
+  from pdiff_jax import report
+  points = [{"guidance": g, "CIDEr": 1.0 + g, "Div-2": 0.5 - g / 10, "mBLEU-4": 0.3, "exactly_right": 0.4}
+            for g in evaluate.SWEEP_GUIDANCE]
+  page = report.render("t", {"sweep": {"guidance": points}}, [])
+  assert "<img alt='exactly_right and Div-2 against the guidance scale' src='data:image/png;base64," in page
+  # without the shapes' ground truth the curve is CIDEr's
+  plain = [{k: v for k, v in p.items() if k != "exactly_right"} for p in points]
+  assert "CIDEr and Div-2 against the guidance scale" in report.render("t", {"sweep": {"guidance": plain}}, [])

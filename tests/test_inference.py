@@ -150,7 +150,8 @@ def options_workdir(trained_workdir, tmp_path_factory):
   return workdir
 
 
-def test_guidance_self_conditioning_and_length_from_a_trained_workdir(options_workdir, image_paths):
+def test_guidance_self_conditioning_and_length_from_a_trained_workdir(options_workdir, image_paths,
+                                                                       monkeypatch):
   from pdiff_jax import evaluate
   captioner = Captioner.from_workdir(options_workdir)
   logged = [json.loads(l) for l in open(os.path.join(options_workdir, "metrics.jsonl"))]
@@ -173,10 +174,19 @@ def test_guidance_self_conditioning_and_length_from_a_trained_workdir(options_wo
                      ({"solver": "euler"}, "solver: unknown")):
     with pytest.raises(ValueError, match=match):
       captioner.caption(images, **bad)
+  # eval records the options and the length figures, and --sweep adds the guidance curve
+  # (sweeps shortened here: each point is a compile)
+  for name, values in (("SWEEP_GUIDANCE", (0.0, 2.0)), ("SWEEP_STEPS", (5,)), ("SWEEP_CANDIDATES", (1, 3))):
+    monkeypatch.setattr(evaluate, name, values)
   m = evaluate.evaluate(options_workdir, "test", num_candidates=3, steps=5, captioner=captioner,
-                        progress=False, guidance=2.0, length="2-5")
+                        progress=False, guidance=2.0, length="2-5", sweep=True)
   assert m["guidance"] == 2.0 and m["length"] == "2-5" and m["length_honoured"] == 1.0
   assert 0.0 <= m["length_accuracy"] <= 1.0 and m["length_error"] >= 0.0
+  curve = m["sweep"]["guidance"]
+  assert [p["guidance"] for p in curve] == [0.0, 2.0]
+  assert all(set(p) >= {"CIDEr", "Div-2", "mBLEU-4", "CLIP-S"} for p in curve)
+  page = open(os.path.join(options_workdir, "eval", "test", "report.html")).read()
+  assert "against the guidance scale" in page
 
 
 def test_sampling_options_need_a_model_trained_for_them(captioner, trained_workdir, image_paths, tmp_path):

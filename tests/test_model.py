@@ -285,3 +285,31 @@ def test_tanh_gelu_option(tiny):
   assert "erf" not in jaxpr  # (tanh is in the model anyway, in its up and down projections)
   with pytest.raises(config_lib.ConfigError, match="model.gelu"):
     config_lib.validate(load_config("tiny", **{"model.gelu": "relu"}))
+
+
+def test_the_additions_at_paper_size_cost_what_they_should():
+  """configs/paper_coco.py with every addition on by override: the parameters they add, counted
+  in closed form, and XLA's FLOP count of one sampling step (the real widths, 2 of the 12 layers):
+  guidance runs the network on twice the rows, self-conditioning adds one (W, D) projection."""
+  from pdiff_jax import sampler as S
+  on = {"model.cond_drop": 0.1, "model.self_cond": 0.5, "model.length_head": True}
+  D, W, L, P, F = 768, 48, 24, 5, 768
+  x, t, c = jnp.zeros((1, L, W)), jnp.zeros((1,)), jnp.zeros((1, F))
+  count = lambda cfg: model_lib.count_params(nn.meta.unbox(jax.eval_shape(
+      PrefixDenoiser(cfg).init, jax.random.key(0), x, t, c))["params"], cfg)
+  cfg = config_lib.model_config(load_config("paper_coco", **on))
+  assert count(cfg) == 94_948_257 + P * D + (W * D + D) + (F * D + D) + (D * (L + 1) + L + 1)
+
+  def step_flops(**options):
+    cfg = config_lib.model_config(load_config("paper_coco", **{"model.num_layers": 2, **options}))
+    model, guidance = PrefixDenoiser(cfg), 2.0 if options.get("model.cond_drop") else 1.0
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t, c)
+    step = lambda p, x_LW, clip_F: S.model_denoiser(model, nn.meta.unbox(p), clip_F, guidance)(
+        x_LW, jnp.float32(10.0), x_LW)
+    cost = jax.jit(step).lower(params, x[0], c[0]).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+  plain = step_flops()
+  assert step_flops(**{"model.cond_drop": 0.1}) / plain == pytest.approx(2.0, rel=0.01)
+  # one (L, W) x (W, D) matmul and a few element-wise passes over (L, D) (bias, the add)
+  assert 2 * L * W * D <= step_flops(**{"model.self_cond": 0.5}) - plain <= 2 * L * W * D + 8 * L * D
