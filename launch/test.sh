@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-source launch/venv.sh "[test,tfds]"
+source launch/venv.sh "[test,tfds,serve]"
 
 set +e
 .venv/bin/python -m pytest -n "${PDIFF_TEST_WORKERS:-2}" --dist loadgroup "$@"

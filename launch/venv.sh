@@ -1,7 +1,7 @@
 # Sourced by launch/*.sh: creates .venv if missing and installs the project (editable).
 #   source launch/venv.sh ""              runtime dependencies only, at the versions pinned in
 #                                         requirements.txt (-c: a constraint, not an install list)
-#   source launch/venv.sh "[test,tfds]"   the whole pinned set plus those extras (the test command)
+#   source launch/venv.sh "[test,tfds,serve]"   the whole pinned set plus those extras (the test command)
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $($PYTHON --version)"

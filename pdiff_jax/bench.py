@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
+import json
 import logging
 import os
 import shutil
@@ -33,7 +35,7 @@ from pdiff_jax.data import pipeline
 
 log = logging.getLogger(__name__)
 
-PARTS = ("train", "sample", "clip", "pipeline", "extract")
+PARTS = ("train", "sample", "clip", "pipeline", "extract", "serve")
 
 def _time(fn, repeats: int) -> float:
   """Median seconds of `fn()` (which must block until its result is ready)."""
@@ -323,8 +325,66 @@ def bench_extract(config, images: int = 400, threads=(1, 2), workdir: str | None
   return out
 
 
+def bench_serve(workdir: str, requests: int = 2000, clients: int = 32,
+                fields: dict | None = None) -> dict:
+  """`pdiff serve` on `workdir` in its own process on 127.0.0.1: throughput and latency of
+  `clients` concurrent clients against one client at a time (one image per request; the sampler
+  options are the workdir's defaults unless `fields` names others), the mean images per sampler
+  call, and the server's resident memory after warm-up and after the run."""
+  import socket
+  import subprocess
+  import sys
+  import urllib.request
+  from PIL import Image
+  from pdiff_jax import serve as serve_lib
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  proc = subprocess.Popen([sys.executable, "-m", "pdiff_jax", "serve", f"--workdir={workdir}",
+                           f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env={k: v for k, v in os.environ.items() if k != serve_lib.TOKEN_ENV})
+  model = lambda: json.loads(urllib.request.urlopen(url + "/v1/model", timeout=30).read())
+  try:
+    deadline = time.time() + 600
+    while True:
+      if proc.poll() is not None:
+        raise RuntimeError(f"pdiff serve --workdir={workdir} exited with {proc.returncode}")
+      try:
+        if urllib.request.urlopen(url + "/healthz", timeout=2).status == 200:
+          break
+      except OSError:
+        if time.time() > deadline:
+          raise RuntimeError("pdiff serve did not become ready in 600 s") from None
+        time.sleep(0.5)
+    rng = np.random.default_rng(0)
+    uploads = []
+    for i in range(16):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(buf, format="PNG")
+      uploads.append((f"random_{i}.png", buf.getvalue()))
+    defaults = model()["defaults"]
+    fields = {"num_candidates": defaults["num_candidates"], "steps": defaults["steps"], **(fields or {})}
+    serve_lib.load(url, uploads, clients=4, requests=16, fields=fields)  # the request path warm
+    rss_warm = model()["stats"]["rss_bytes"]
+    one = serve_lib.load(url, uploads, clients=1, requests=max(requests // 40, 10), fields=fields)
+    before = model()["stats"]
+    many = serve_lib.load(url, uploads, clients=clients, requests=requests, fields=fields)
+    after = model()["stats"]
+    calls = max(after["sampler_calls"] - before["sampler_calls"], 1)
+    return {"workdir": workdir, "fields": fields, "one_client": one, "concurrent": many,
+            "speedup": many["requests_per_sec"] / one["requests_per_sec"],
+            "mean_images_per_call": (after["images"] - before["images"]) / calls,
+            "images_per_call_limit": model()["limits"]["max_images"],
+            "rss_after_warmup_bytes": rss_warm, "rss_after_bytes": after["rss_bytes"]}
+  finally:
+    proc.terminate()
+    proc.wait(timeout=120)
+
+
 def run_bench(config, out: str, parts=("train", "sample", "clip"),
-              profile_dir: str | None = None) -> dict:
+              profile_dir: str | None = None, serve_workdir: str | None = None,
+              serve_requests: int = 2000) -> dict:
   """Measures `parts`; with `profile_dir`, also a profiler trace of the train step and the sampler
   there, summarised per op in the JSON (`profiling.summarise`)."""
   config_lib.validate(config)
@@ -348,6 +408,10 @@ def run_bench(config, out: str, parts=("train", "sample", "clip"),
     result["pipeline"] = bench_pipeline(config)
   if "extract" in parts:
     result["extract"] = bench_extract(config)
+  if "serve" in parts:
+    if not serve_workdir:
+      raise ValueError("--parts=serve needs --workdir (a trained model to serve)")
+    result["serve"] = bench_serve(serve_workdir, serve_requests)
   result["peak_memory_bytes"] = _peak_memory()
   result["num_processes"] = jax.process_count()
   if jax.process_index() == 0:  # the train figures are global; the others are process 0's own
@@ -393,6 +457,15 @@ def table(r: dict) -> str:
       lines.append(f"extract ({e['images']} {e['image_size']} -> {e['clip_input']} px, {n} loader thread(s)): "
                    f"host path {z['host_images_per_sec']:.1f} images/s, end to end with a tiny CLIP "
                    f"{z['extract_images_per_sec']:.1f} images/s")
+  if "serve" in r:
+    v = r["serve"]
+    for name in ("one_client", "concurrent"):
+      z = v[name]
+      lines.append(f"serve ({z['clients']} client(s), {z['requests']} requests, {v['fields']}): "
+                   f"{z['requests_per_sec']:.1f} requests/s, p50 {z['p50_ms']:.0f} ms, "
+                   f"p99 {z['p99_ms']:.0f} ms, {z['errors']} errors")
+    lines.append(f"serve: {v['speedup']:.1f}x with concurrency, {v['mean_images_per_call']:.1f} images "
+                 f"per sampler call (limit {v['images_per_call_limit']})")
   if "clip" in r and r["clip"].get("images_per_sec"):
     lines.append(f"clip:   {r['clip']['images_per_sec']:.1f} images/s ({r['clip']['model']})")
   return "\n".join(lines)

@@ -26,10 +26,12 @@ commands:
   eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--solver=ddim|dpmpp2m] [--guidance=S]
           [--length=auto|N|MIN-MAX] [--sweep]
   score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
-  bench   [--config=CFG] --out=FILE [--parts=train,sample,clip,pipeline,extract] [--profile_dir=DIR]
-          [--solver=NAME] [--guidance=S]
+  bench   [--config=CFG] --out=FILE [--parts=train,sample,clip,pipeline,extract,serve] [--profile_dir=DIR]
+          [--solver=NAME] [--guidance=S] [--workdir=DIR (serve)]
           throughput, FLOP/s and MFU here; with --profile_dir, where the step's time goes
   info    --config=CFG [--config.key=value ...]                  what a config builds, as JSON
+  serve   --workdir=DIR [--host=127.0.0.1] [--port=8000] [--token=T] [--max_wait_ms=MS] [--max_upload_mb=MB]
+          captions over HTTP, batched across requests, with a web page at /
 
 `pdiff COMMAND --help` lists a command's flags."""
 
@@ -264,6 +266,33 @@ def _cmd_demo(fv: flags.FlagValues) -> int:
   return 0
 
 
+def _flags_serve(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).",
+                      flag_values=fv, required=True)
+  flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes it to the network).",
+                      flag_values=fv)
+  flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535,
+                       flag_values=fv)
+  flags.DEFINE_string("token", None, "Require 'Authorization: Bearer TOKEN' on the API "
+                      "(default: $PDIFF_SERVE_TOKEN; unset = no token).", flag_values=fv)
+  flags.DEFINE_float("max_wait_ms", 10.0, "How long the first request of a batch waits for others "
+                     "to share its sampler call.", lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_float("max_upload_mb", 20.0, "Largest request body accepted.", lower_bound=0.001,
+                     flag_values=fv)
+  _compilation_cache_flag(fv)
+
+
+def _cmd_serve(fv: flags.FlagValues) -> int:
+  import importlib.util
+  missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+  if missing:
+    raise UsageError(f"pdiff serve needs the [serve] extra (missing {', '.join(missing)}): "
+                     "pip install -c requirements.txt -e '.[serve]'")
+  from pdiff_jax import serve
+  _use_compilation_cache(fv)
+  return serve.serve(fv.workdir, fv.host, fv.port, fv.token, fv.max_wait_ms, fv.max_upload_mb)
+
+
 PAPER_CONFIG = os.path.join(os.path.dirname(DEMO_CONFIG), "paper_coco.py")
 
 
@@ -272,7 +301,7 @@ def _flags_bench(fv: flags.FlagValues) -> None:
                                   flag_values=fv, lock_config=True)
   flags.DEFINE_string("out", None, "JSON file for the figures.", flag_values=fv, required=True)
   flags.DEFINE_list("parts", ["train", "sample", "clip"],
-                    "Which of train,sample,clip,pipeline,extract to measure.",
+                    "Which of train,sample,clip,pipeline,extract,serve to measure.",
                     flag_values=fv)
   flags.DEFINE_string("profile_dir", None, "Also trace the train step and the sampler here "
                       "(jax.profiler; Perfetto/TensorBoard) and add a per-op summary to the JSON.",
@@ -280,6 +309,9 @@ def _flags_bench(fv: flags.FlagValues) -> None:
   from pdiff_jax.sampler import SOLVERS
   flags.DEFINE_enum("solver", None, list(SOLVERS), "Time the sampler with this solver "
                     "(default: sampler.solver).", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "--parts=serve: the trained workdir to serve.", flag_values=fv)
+  flags.DEFINE_integer("serve_requests", 2000, "--parts=serve: requests of the 32-client run.",
+                       lower_bound=32, flag_values=fv)
   flags.DEFINE_float("guidance", None, "Time the sampler with this classifier-free guidance scale "
                      "(the random-weight model gets a null condition: model.cond_drop=0.1).",
                      lower_bound=0.0, flag_values=fv)
@@ -302,7 +334,10 @@ def _cmd_bench(fv: flags.FlagValues) -> int:
   if fv.profile_dir and storage.is_remote(fv.profile_dir):
     raise UsageError(f"--profile_dir={fv.profile_dir}: traces are summarised from local files; "
                      "give a local directory")
-  bench.run_bench(config, fv.out, tuple(fv.parts), profile_dir=fv.profile_dir)
+  if "serve" in fv.parts and not fv.workdir:
+    raise UsageError("--parts=serve needs --workdir (a trained model to serve)")
+  bench.run_bench(config, fv.out, tuple(fv.parts), profile_dir=fv.profile_dir,
+                  serve_workdir=fv.workdir, serve_requests=fv.serve_requests)
   return 0
 
 
@@ -349,6 +384,7 @@ COMMANDS: dict[str, tuple[Callable[[flags.FlagValues], None], Callable[..., int]
     "bench": (_with_distributed(_flags_bench), _cmd_bench),
     "score": (_flags_score, _cmd_score),
     "info": (lambda fv: _config_flag(fv), _cmd_info),
+    "serve": (_flags_serve, _cmd_serve),
 }
 
 

@@ -271,16 +271,23 @@ class Captioner:
     options as in `sample_fn`."""
     B = features_BF.shape[0]
     offsets = np.arange(B) if offsets is None else np.asarray(offsets)
+    keys = sampler_lib.candidate_keys(seed, jnp.asarray(offsets, jnp.uint32), num_candidates)
+    return self.sample_tokens_keyed(features_BF, keys, steps, eta, solver, guidance, length)
+
+  def sample_tokens_keyed(self, features_BF: np.ndarray, keys_BN: jax.Array, steps: int,
+                          eta: float, solver: str | None = None, guidance: float | None = None,
+                          length: str | None = None) -> np.ndarray:
+    """`sample_tokens` with each image's candidate keys given (B, N): images of different seeds
+    (`pdiff serve`'s requests) share a call; in calls of exactly `sample_batch` images."""
+    B, N = keys_BN.shape[:2]
     features_BF = self._standardize(features_BF)
     fn = self.sample_fn(steps, eta, solver=solver, guidance=guidance, length=length)
     chunk = self.sample_batch
-    out = [np.zeros((0, num_candidates, int(self.bundle.config.data.max_len)), np.int32)]
+    out = [np.zeros((0, N, int(self.bundle.config.data.max_len)), np.int32)]
     for start in range(0, B, chunk):
-      feats = np.asarray(features_BF[start:start + chunk], np.float32)
-      offs = offsets[start:start + chunk]
-      pad = chunk - len(feats)
+      feats, keys = features_BF[start:start + chunk], keys_BN[start:start + chunk]
+      pad = chunk - len(feats)  # padding rows: zero features, the last real row's keys
       feats = np.concatenate([feats, np.zeros((pad,) + feats.shape[1:], np.float32)])
-      offs = np.concatenate([offs, np.full(pad, -1)])
-      keys = sampler_lib.candidate_keys(seed, jnp.asarray(offs, jnp.uint32), num_candidates)
+      keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
       out.append(np.asarray(fn(self.params, jnp.asarray(feats), keys))[:chunk - pad])
     return np.concatenate(out)

@@ -1,0 +1,268 @@
+"""`pdiff serve` as users use it: a real server process on 127.0.0.1, real HTTP, a real browser."""
+
+import concurrent.futures
+import io
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from pdiff_jax import serve as serve_lib  # noqa: E402
+from pdiff_jax.inference import Captioner  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKEN = "s3cret"
+pytestmark = [pytest.mark.xdist_group("trained_workdir"), pytest.mark.slow]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Server:
+  """`pdiff serve` in its own process, ready once /healthz says so."""
+
+  def __init__(self, workdir, *flags, token=TOKEN):
+    self.port = _free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    env = {**os.environ, "XLA_FLAGS": "", "PDIFF_SERVE_TOKEN": token}
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "pdiff_jax", "serve", f"--workdir={workdir}", f"--port={self.port}",
+         *flags], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.time() + 240
+    while time.time() < deadline:
+      assert self.proc.poll() is None, self.proc.stdout.read()
+      try:
+        if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+          return
+      except httpx.HTTPError:
+        pass
+      time.sleep(0.5)
+    raise AssertionError("the server did not become ready")
+
+  def post(self, files, data=None, headers=None, **kw):
+    return httpx.post(self.url + "/v1/caption", files=files, data=data or {},
+                      headers=self.headers if headers is None else headers, timeout=120, **kw)
+
+  def model(self):
+    return httpx.get(self.url + "/v1/model", headers=self.headers, timeout=30).json()
+
+  def stop(self) -> int:
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+    return self.proc.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def server(trained_workdir):
+  s = Server(trained_workdir[0], "--max_upload_mb=1", "--max_wait_ms=30")
+  yield s
+  s.stop()
+
+
+@pytest.fixture(scope="module")
+def pngs(trained_workdir):
+  root = os.path.join(trained_workdir[1], "images")
+  paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)[:4]
+  out = []
+  for p in paths:
+    buf = io.BytesIO()
+    Image.open(p).convert("RGB").save(buf, format="PNG")
+    out.append((os.path.basename(p).rsplit(".", 1)[0] + ".png", buf.getvalue()))
+  return out
+
+
+def _captions(result):
+  return [[c["caption"] for c in r["candidates"]] for r in result["results"]]
+
+
+def test_answers_as_caption_json_and_as_a_lone_captioner(server, pngs, trained_workdir):
+  assert httpx.get(server.url + "/healthz").json() == {"ready": True}  # no token needed
+  assert httpx.get(server.url + "/v1/model").status_code == 401
+  info = server.model()
+  assert info["step"] == 100 and info["vocab_size"] > 2 and info["limits"]["max_images"] >= 2
+  r = server.post([("image", pngs[0]), ("image", pngs[1])],
+                  {"num_candidates": 3, "steps": 4, "seed": 5})
+  assert r.status_code == 200, r.text
+  out = r.json()
+  assert [e["image"] for e in out["results"]] == [pngs[0][0], pngs[1][0]]
+  assert set(out["timings"]) >= {"queue_ms", "clip_ms", "sample_ms", "rerank_ms", "total_ms"}
+  # exactly what Captioner.caption (and so `pdiff caption --json`) gives for these images
+  captioner = Captioner.from_workdir(trained_workdir[0])
+  lone = captioner.caption([Image.open(io.BytesIO(b)) for _, b in pngs[:2]], num_candidates=3,
+                           steps=4, seed=5)
+  assert _captions(out) == [[c["caption"] for c in r["candidates"]] for r in lone]
+  np.testing.assert_allclose([c["score"] for e in out["results"] for c in e["candidates"]],
+                             [c["score"] for e in lone for c in e["candidates"]], rtol=1e-4, atol=1e-6)
+
+
+def test_concurrent_requests_share_calls_and_get_their_lone_captions(server, pngs):
+  fields = lambda seed: {"num_candidates": 2, "steps": 4, "seed": seed}
+  lone = {seed: _captions(server.post([("image", pngs[seed % 4])], fields(seed)).json())
+          for seed in range(12)}
+  before = server.model()["stats"]
+  with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    answers = list(pool.map(lambda seed: server.post([("image", pngs[seed % 4])], fields(seed)).json(),
+                            range(12)))
+  for seed, a in enumerate(answers):
+    assert _captions(a) == lone[seed], seed
+  after = server.model()["stats"]
+  calls = after["sampler_calls"] - before["sampler_calls"]
+  assert after["images"] - before["images"] == 12 and calls < 12  # gathered into fewer calls
+  assert max(a["timings"]["batch_requests"] for a in answers) > 1
+
+
+def _bomb() -> bytes:
+  buf = io.BytesIO()
+  Image.new("1", (10_000, 9_000)).save(buf, format="PNG")  # 90 M pixels in a few kB
+  return buf.getvalue()
+
+
+def _malformed(rng: random.Random, png: tuple[str, bytes], max_images: int):
+  """One randomly chosen bad request: (kind, kwargs for httpx.post)."""
+  name, data = png
+  kinds = {
+      "not an image": lambda: {"files": [("image", ("x.png", rng.randbytes(rng.randint(1, 2000))))]},
+      "truncated": lambda: {"files": [("image", (name, data[:rng.randint(1, len(data) // 2)]))]},
+      "zero bytes": lambda: {"files": [("image", (name, b""))]},
+      "bomb": lambda: {"files": [("image", ("bomb.png", BOMB))]},
+      "too many images": lambda: {"files": [("image", png)] * (max_images + 1)},
+      "no image": lambda: {"files": [("other", png)]},
+      "image as text": lambda: {"files": [("x", ("x", b"1"))], "data": {"image": "not a file"}},
+      "bad n": lambda: {"files": [("image", png)], "data": {"num_candidates": rng.choice(["0", "-3", "abc", "1e9", "1000"])}},
+      "bad steps": lambda: {"files": [("image", png)], "data": {"steps": rng.choice(["0", "100000", "x"])}},
+      "bad seed": lambda: {"files": [("image", png)], "data": {"seed": rng.choice(["-1", "s"])}},
+      "bad solver": lambda: {"files": [("image", png)], "data": {"solver": rng.choice(["euler", "../ddim"])}},
+      "bad guidance": lambda: {"files": [("image", png)], "data": {"guidance": rng.choice(["2", "nan", "-1", "x"])}},
+      "bad length": lambda: {"files": [("image", png)], "data": {"length": rng.choice(["auto", "0", "5-2", "99", "x"])}},
+      "path in name": lambda: {"files": [("image", (rng.choice(["../../etc/passwd", "a/b.png", "dir\\x.png"]), data))]},
+      "json body": lambda: {"json": {"image": "aGVsbG8="}},
+      "urlencoded": lambda: {"data": {"image": "x"}},
+      "garbage multipart": lambda: {"content": rng.randbytes(300),
+                                    "headers": {"content-type": "multipart/form-data; boundary=zz"}},
+      "over the upload limit": lambda: {"files": [("image", ("big.png", rng.randbytes(1_100_000)))]},
+  }
+  kind = rng.choice(sorted(kinds))
+  return kind, kinds[kind]()
+
+
+BOMB = _bomb()
+
+
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, pngs, tmp_path):
+  rng = random.Random(0)
+  max_images = server.model()["limits"]["max_images"]
+  good = server.post([("image", pngs[0])], {"num_candidates": 2, "steps": 4, "seed": 1}).json()
+  seen = {}
+  for _ in range(300):
+    kind, kw = _malformed(rng, pngs[rng.randrange(4)], max_images)
+    headers = {**server.headers, **kw.pop("headers", {})}
+    r = httpx.post(server.url + "/v1/caption", headers=headers, timeout=60, **kw)
+    assert 400 <= r.status_code < 500, (kind, r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and body["error"] and "\n" not in body["error"], (kind, body)
+    seen.setdefault(kind, (r.status_code, body["error"]))
+  assert len(seen) == 18  # every kind was tried
+  assert seen["bomb"][0] == 400 and "decompression bomb" in seen["bomb"][1]  # refused unopened
+  assert seen["over the upload limit"][0] == 413 and seen["too many images"][0] == 413
+  assert seen["json body"][0] == 415
+  assert httpx.post(server.url + "/v1/caption", files=[("image", pngs[0])]).status_code == 401
+  # alive and still right
+  again = server.post([("image", pngs[0])], {"num_candidates": 2, "steps": 4, "seed": 1}).json()
+  assert _captions(again) == _captions(good)
+  (tmp_path / "fuzz_cases.json").write_text(json.dumps(seen, indent=1))
+  print(json.dumps(seen, indent=1))
+
+
+def test_load_32_clients_no_errors_and_flat_memory(server, pngs):
+  fields = {"num_candidates": 2, "steps": 4}
+  serve_lib.load(server.url, pngs, clients=8, requests=64, fields=fields, token=TOKEN)  # warm
+  rss_before = server.model()["stats"]["rss_bytes"]
+  stats_before = server.model()["stats"]
+  result = serve_lib.load(server.url, pngs, clients=32, requests=2000, fields=fields, token=TOKEN)
+  stats = server.model()["stats"]
+  print(json.dumps(result))
+  assert result["errors"] == 0, result["error_statuses"]
+  assert stats["images"] - stats_before["images"] == 2000
+  mean_batch = (stats["images"] - stats_before["images"]) / (stats["sampler_calls"] - stats_before["sampler_calls"])
+  assert mean_batch > 2  # concurrent requests share sampler calls
+  assert stats["rss_bytes"] <= 1.10 * rss_before, (stats["rss_bytes"], rss_before)
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits_0(trained_workdir, pngs):
+  s = Server(trained_workdir[0], "--max_wait_ms=1500", token="")
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    pending = pool.submit(httpx.post, s.url + "/v1/caption", files=[("image", pngs[0])],
+                          data={"num_candidates": 2, "steps": 4}, timeout=60)
+    time.sleep(0.7)  # the request waits in the batcher (max_wait_ms) when the signal comes
+    s.proc.send_signal(signal.SIGTERM)
+    assert pending.result().status_code == 200
+  assert s.proc.wait(timeout=60) == 0
+
+
+def test_the_page_in_a_real_browser(server, pngs, tmp_path):
+  webdriver = pytest.importorskip("selenium.webdriver")
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import WebDriverWait
+  chromium, driver_path = "/usr/bin/chromium", "/usr/bin/chromedriver"
+  if not (os.path.exists(chromium) and os.path.exists(driver_path)):
+    pytest.skip("Debian's chromium and chromium-driver are not installed")
+  page = httpx.get(server.url + "/").text
+  assert "<script src" not in page and "http://" not in page and "https://" not in page  # self-contained
+  options = webdriver.ChromeOptions()
+  options.binary_location = chromium
+  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,900"):
+    options.add_argument(arg)
+  browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+  try:
+    browser.get(server.url + "/")
+    token = browser.find_element(By.ID, "token")
+    token.send_keys(TOKEN)
+    token.send_keys("\t")  # change -> the page fetches /v1/model with it and fills in the defaults
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text.startswith("checkpoint"))
+    assert browser.find_element(By.ID, "n").get_attribute("value") == "4"  # tiny's sampler.num_candidates
+    image = tmp_path / pngs[0][0]
+    image.write_bytes(pngs[0][1])
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    n = browser.find_element(By.ID, "n")
+    n.clear()
+    n.send_keys("3")
+    steps = browser.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("4")
+    browser.find_element(By.ID, "go").click()
+    WebDriverWait(browser, 120).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "ol.candidates li") or b.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    items = browser.find_elements(By.CSS_SELECTOR, "ol.candidates li")
+    scores = [float(li.get_attribute("data-score")) for li in items]
+    assert len(items) == 3 and scores == sorted(scores, reverse=True)
+    assert browser.find_element(By.CSS_SELECTOR, ".result img").get_attribute("alt") == pngs[0][0]
+    shot = tmp_path / "page.png"
+    browser.save_screenshot(str(shot))
+    assert Image.open(shot).size[0] >= 1000
+    # the server's error is shown as text
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    browser.find_element(By.ID, "file").send_keys(str(broken))
+    browser.find_element(By.ID, "go").click()
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == "broken.png: not an image file"
+    if os.environ.get("PDIFF_SCREENSHOT"):
+      shot.rename(os.environ["PDIFF_SCREENSHOT"])
+  finally:
+    browser.quit()
