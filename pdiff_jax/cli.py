@@ -464,6 +464,6 @@ def main(argv: list[str]) -> int:
 def run() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
                       datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow", "httpx"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   sys.exit(main(sys.argv[1:]))

@@ -76,6 +76,7 @@ class Batcher:
     self._pending: collections.deque[_Job] = collections.deque()
     self._cv = threading.Condition()
     self._stop = False
+    self._free_since = 0.0  # when the last call ended
     self.calls = 0  # sampler calls made, and images in them: the mean batch is images / calls
     self.images = 0
     self._thread = threading.Thread(target=self._run, name="pdiff-batcher", daemon=True)
@@ -97,14 +98,17 @@ class Batcher:
 
   def _take(self) -> list[_Job] | None:
     """The oldest job and then any others of its options, up to max_batch images, waiting at
-    most max_wait from the oldest's arrival for more to come."""
+    most max_wait for more to come, counted from the oldest's arrival or from the end of the
+    last call, whichever is later: the clients just answered get the time to send their next
+    request into this call (otherwise they form a second cohort that alternates with the
+    first, each call half full)."""
     with self._cv:
       while not self._pending:
         if self._stop:
           return None
         self._cv.wait()
       first = self._pending[0]
-      deadline = first.queued + self.max_wait
+      deadline = max(first.queued, self._free_since) + self.max_wait
       while True:
         same = [j for j in self._pending if j.options == first.options]
         count = sum(len(j.images) for j in same)
@@ -132,6 +136,7 @@ class Batcher:
         for job in batch:
           job.future.set_exception(RequestError(500, f"captioning failed: {type(e).__name__}"))
         continue
+      self._free_since = time.perf_counter()
       for job, result in zip(batch, results):
         job.future.set_result(result)
 
