@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # A fixed amount of work per stage (steps, never seconds), so that the figures are the same on
 # any machine and a change can be measured against them.
 FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 4000, "train_steps": None}
-FAST = {"sizes": {"train": 640, "val": 32, "test": 40}, "clip_steps": 50, "train_steps": 100}
+FAST = {"sizes": {"train": 480, "val": 24, "test": 32}, "clip_steps": 40, "train_steps": 80}
 # Keys of demo_summary.json that depend on the machine and its load; everything else is a
 # function of the code and the seed (tests/test_demo.py runs the fast demo twice to check it).
 TIMING_KEYS = ("seconds", "stage_seconds", "machine")
@@ -42,8 +42,8 @@ def demo_config(base, workdir: str, fast: bool):
   config.clip.model = os.path.join(d, "clip")
   if fast:
     config.train.num_steps = FAST["train_steps"]
-    config.train.checkpoint_every = 100  # multiples of train.steps_per_dispatch
-    config.train.eval_every = 100
+    config.train.checkpoint_every = 80  # multiples of train.steps_per_dispatch
+    config.train.eval_every = 80
     config.train.log_every = 20
     config.optim.warmup_steps = 20
     config.optim.ema_decay = 0.9

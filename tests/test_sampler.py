@@ -340,10 +340,10 @@ def test_lengths_are_honoured_by_construction():
   sched = S.make_sampling_schedule("trunc_cos", 100, 4)
   clip = jax.random.normal(jax.random.key(1), (3, cfg.feature_dim))
   keys = S.candidate_keys(0, jnp.arange(3), 6)
-  sample = jax.jit(lambda p, length: S.sample_tokens(model, p, clip, keys, sched, length=length),
-                   static_argnums=1)
+  # (min, max) may be traced: one compile for every length asked for below
+  sample = jax.jit(lambda p, length: S.sample_tokens(model, p, clip, keys, sched, length=length))
   for length in ((3, 3), (2, 6), (1, cfg.max_len)):
-    tokens = np.asarray(sample(params, length))
+    tokens = np.asarray(sample(params, tuple(map(jnp.int32, length))))
     words = (tokens != S.PAD_ID).sum(-1)
     assert np.all((words >= length[0]) & (words <= length[1]))
     # the words come first, PAD after them: position l is a word iff l < the length
@@ -352,7 +352,8 @@ def test_lengths_are_honoured_by_construction():
   head = jax.tree.map(jnp.zeros_like, params["params"]["length_fc2"])
   certain = {"params": {**params["params"], "length_fc2": {**head, "bias": head["bias"].at[5].set(50.0)}}}
   auto = S.parse_length("auto", cfg.max_len, True)
-  assert np.all((np.asarray(sample(certain, auto)) != S.PAD_ID).sum(-1) == 5)
+  assert np.all((np.asarray(sample(certain, tuple(map(jnp.int32, auto)))) != S.PAD_ID).sum(-1) == 5)
+  assert sample._cache_size() == 1
   # ... and one spread over 2..4 words gives candidates of different lengths, in that range.
   spread = {"params": {**params["params"], "length_fc2": {**head, "bias": jnp.where(
       (jnp.arange(cfg.max_len + 1) >= 2) & (jnp.arange(cfg.max_len + 1) <= 4), 0.0, -50.0)}}}

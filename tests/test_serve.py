@@ -168,7 +168,7 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, pngs, tmp_p
   max_images = server.model()["limits"]["max_images"]
   good = server.post([("image", pngs[0])], {"num_candidates": 2, "steps": 4, "seed": 1}).json()
   seen = {}
-  for _ in range(300):
+  for _ in range(200):
     kind, kw = _malformed(rng, pngs[rng.randrange(4)], max_images)
     headers = {**server.headers, **kw.pop("headers", {})}
     r = httpx.post(server.url + "/v1/caption", headers=headers, timeout=60, **kw)
@@ -189,29 +189,20 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, pngs, tmp_p
 
 
 def test_load_32_clients_no_errors_and_flat_memory(server, pngs):
+  """1,000 requests from 32 concurrent clients (the suite's size; `pdiff bench --parts=serve`
+  runs 2,000 on the demo model for BENCHMARKS.md)."""
   fields = {"num_candidates": 2, "steps": 4}
   serve_lib.load(server.url, pngs, clients=8, requests=64, fields=fields, token=TOKEN)  # warm
   rss_before = server.model()["stats"]["rss_bytes"]
   stats_before = server.model()["stats"]
-  result = serve_lib.load(server.url, pngs, clients=32, requests=2000, fields=fields, token=TOKEN)
+  result = serve_lib.load(server.url, pngs, clients=32, requests=1000, fields=fields, token=TOKEN)
   stats = server.model()["stats"]
   print(json.dumps(result))
   assert result["errors"] == 0, result["error_statuses"]
-  assert stats["images"] - stats_before["images"] == 2000
+  assert stats["images"] - stats_before["images"] == 1000
   mean_batch = (stats["images"] - stats_before["images"]) / (stats["sampler_calls"] - stats_before["sampler_calls"])
   assert mean_batch > 2  # concurrent requests share sampler calls
   assert stats["rss_bytes"] <= 1.10 * rss_before, (stats["rss_bytes"], rss_before)
-
-
-def test_sigterm_answers_the_request_in_flight_then_exits_0(trained_workdir, pngs):
-  s = Server(trained_workdir[0], "--max_wait_ms=1500", token="")
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    pending = pool.submit(httpx.post, s.url + "/v1/caption", files=[("image", pngs[0])],
-                          data={"num_candidates": 2, "steps": 4}, timeout=60)
-    time.sleep(0.7)  # the request waits in the batcher (max_wait_ms) when the signal comes
-    s.proc.send_signal(signal.SIGTERM)
-    assert pending.result().status_code == 200
-  assert s.proc.wait(timeout=60) == 0
 
 
 def test_the_page_in_a_real_browser(server, pngs, tmp_path):
@@ -266,3 +257,16 @@ def test_the_page_in_a_real_browser(server, pngs, tmp_path):
       shot.rename(os.environ["PDIFF_SCREENSHOT"])
   finally:
     browser.quit()
+
+
+def test_zz_sigterm_answers_the_request_in_flight_then_exits_0(server, pngs):
+  """(Runs last: it stops the module's server.) A request of a new shape is in flight for
+  seconds (its sampler compiles) when SIGTERM comes; it is answered, then the process exits 0."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    pending = pool.submit(server.post, [("image", pngs[0])], {"num_candidates": 7, "steps": 30})
+    time.sleep(1.0)
+    assert not pending.done()
+    server.proc.send_signal(signal.SIGTERM)
+    assert pending.result().status_code == 200
+  assert server.proc.wait(timeout=60) == 0
+  assert "stopped (SIGTERM)" in server.proc.stdout.read()

@@ -450,7 +450,7 @@ class _Recording:
   def apply(self, variables, *args, **kwargs):
     out = self.model.apply(variables, *args, **kwargs)
     if "method" not in kwargs:
-      self.calls.append((kwargs, out))
+      self.calls.append(({k: kwargs[k] for k in ("cond_B", "x0_self_BLW")}, out))
     return out
 
 
@@ -463,42 +463,48 @@ def test_the_training_options_drop_the_condition_self_condition_and_learn_the_le
                                   "model.attention_dropout": 0.0})
   model = train.make_model(config)
   params = nn.meta.unbox(model.init(jax.random.key(0), *train.dummy_inputs(config)))["params"]
-  B, L = 512, config.data.max_len
+  B, L = 256, config.data.max_len
   rng = np.random.default_rng(0)
   lengths = rng.integers(1, L + 1, B)
   ids = np.where(np.arange(L) < lengths[:, None], rng.integers(2, 64, (B, L)), 0).astype(np.int32)
   batch = {"ids": jnp.asarray(ids), "features": jnp.asarray(rng.normal(size=(B, 16)), jnp.float32)}
   schedule = diffusion.make_schedule("trunc_cos", 100)
-  rec = _Recording(model)
-  loss, terms = train.loss_fn(params, batch, jax.random.key(1), model=rec, schedule=schedule, train=True)
-  (first, est), (second, _) = rec.calls
+
+  def recorded(p):  # the loss and what the two denoiser passes were given (returned from jit)
+    rec = _Recording(model)
+    loss, terms = train.loss_fn(p, batch, jax.random.key(1), model=rec, schedule=schedule, train=True)
+    (first, est), (second, _) = rec.calls
+    return loss, terms, first, second, est
+
+  loss, terms, first, second, est = jax.jit(recorded)(params)
   # the condition: the same draw in both passes, about a quarter of it the null prefix
   np.testing.assert_array_equal(first["cond_B"], second["cond_B"])
-  assert 0.18 < 1 - float(jnp.mean(first["cond_B"])) < 0.32
+  assert 0.16 < 1 - float(jnp.mean(first["cond_B"])) < 0.34
   # self-conditioning: no estimate in the first pass; about half the examples get it in the second
   assert not np.any(first["x0_self_BLW"])
   fed = np.asarray(jnp.any(second["x0_self_BLW"] != 0, axis=(1, 2)))
   np.testing.assert_array_equal(np.asarray(second["x0_self_BLW"])[fed], np.asarray(est)[fed])
-  assert 0.4 < fed.mean() < 0.6
+  assert 0.38 < fed.mean() < 0.62
   # the length term: cross-entropy of the head against the caption's word count, added to the loss
-  head = model.apply({"params": params}, batch["features"], method="length_logits")
+  head = jax.jit(lambda p, f: model.apply({"params": p}, f, method="length_logits"))(params, batch["features"])
   expected = optax.softmax_cross_entropy_with_integer_labels(head, jnp.asarray(lengths)).mean()
   np.testing.assert_allclose(terms["length"], expected, rtol=1e-6)
   np.testing.assert_allclose(loss, terms["mse"] + terms["round"] + terms["prior"] + terms["length"], rtol=1e-6)
   # no gradient flows through the first estimate: the gradient is that of a loss fed it as a constant
-  grads = jax.grad(lambda p: train.loss_fn(p, batch, jax.random.key(1), model=model, schedule=schedule,
-                                           train=True)[0])(params)
+  loss = lambda m: jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, jax.random.key(1), model=m,
+                                                          schedule=schedule, train=True)[0]))
+  grads = loss(model)(params)
   constant = jnp.where(fed[:, None, None], est, 0.0)  # what the second pass was fed, as a constant
 
-  class Fixed:  # (outside jit the values are concrete, so the second pass is told by its input)
-    cfg = model.cfg
+  class Fixed:  # the model, with the constant in place of the second pass's input (traced once)
+    cfg, calls = model.cfg, 0
 
     def apply(self, v, *a, **k):
-      if k.get("x0_self_BLW") is not None and np.any(k["x0_self_BLW"]):
-        k = {**k, "x0_self_BLW": constant}
+      if "method" not in k:
+        self.calls += 1
+        if self.calls == 2:
+          k = {**k, "x0_self_BLW": constant}
       return model.apply(v, *a, **k)
 
-  fixed = Fixed()
-  const = jax.grad(lambda p: train.loss_fn(p, batch, jax.random.key(1), model=fixed, schedule=schedule,
-                                           train=True)[0])(params)
+  const = loss(Fixed())(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, const)
