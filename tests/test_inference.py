@@ -144,7 +144,7 @@ def options_workdir(trained_workdir, tmp_path_factory):
   config = config_lib.from_json(storage.read_text(os.path.join(trained_workdir[0], "config.json")))
   with config.unlocked():
     config.model.cond_drop, config.model.self_cond, config.model.length_head = 0.2, 0.5, True
-    config.train.num_steps, config.train.checkpoint_every = 20, 20
+    config.train.num_steps, config.train.checkpoint_every, config.train.log_every = 20, 20, 10
   workdir = str(tmp_path_factory.mktemp("options") / "workdir")
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
@@ -155,7 +155,8 @@ def test_guidance_self_conditioning_and_length_from_a_trained_workdir(options_wo
   from pdiff_jax import evaluate
   captioner = Captioner.from_workdir(options_workdir)
   logged = [json.loads(l) for l in open(os.path.join(options_workdir, "metrics.jsonl"))]
-  assert all("loss_length" in r for r in logged if "loss" in r)
+  trained = [r for r in logged if "loss" in r]
+  assert trained and all("loss_length" in r for r in trained)
   images = [Image.open(p) for p in image_paths]
   plain = captioner.caption(images, num_candidates=4, steps=5, seed=0)
   guided = captioner.caption(images, num_candidates=4, steps=5, seed=0, guidance=3.0)
