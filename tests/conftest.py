@@ -4,8 +4,21 @@ compared with single-device ones in one process; and one compilation cache for t
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+# The suite compiles at XLA's backend optimisation level 0 (LLVM's -O0 for the CPU code): the same
+# programs, less optimised machine code. These tiny models spend most of their time compiling, and
+# this halves it (tests/test_train.py's k-steps test: 91 -> 47 CPU seconds). The demo's test runs
+# at the default level, as users do. PDIFF_TESTS_XLA_OPT="" runs the whole suite at the default.
+XLA_OPT = os.environ.setdefault("PDIFF_TESTS_XLA_OPT", "--xla_backend_optimization_level=0")
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a process the tests start: the suite's optimisation level, and `devices` fake
+  CPU devices (None: one, the real one)."""
+  count = f"--xla_force_host_platform_device_count={devices}" if devices else ""
+  return " ".join(f for f in (XLA_OPT, count) if f)
+
+
+os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), xla_flags(8)) if f)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instead of retrying
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,11 +35,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
-# The command-line runs the tests start need no PyTorch (only test_clip's from_pt check does, in
-# this process): transformers imports torch when it can, ~4.5 s of every subprocess here. This
-# process reads USE_TORCH first (at transformers' import), the subprocesses inherit USE_TORCH=0.
-import transformers.utils.import_utils  # noqa: E402,F401
-os.environ.setdefault("USE_TORCH", "0")
+# The subprocesses the tests start run as on an install without PyTorch (the `test` extra has it
+# only for the in-process reference checks): tests/hidden_heavy hides torch and diffusers from
+# them, ~2 s of every command-line run here (tensorboardX imports torch whenever it can). A pytest
+# process started under it (a pytest-xdist worker) takes them back before anything imports them.
+_HIDDEN_HEAVY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hidden_heavy")
+for _name in ("torch", "diffusers"):
+  if _name in sys.modules and sys.modules[_name] is None:
+    del sys.modules[_name]
+if os.environ.get("PDIFF_TESTS_HIDE") is None:
+  os.environ["PDIFF_TESTS_HIDE"] = "torch,diffusers"
+  os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HIDDEN_HEAVY, os.environ.get("PYTHONPATH")) if p)
 
 import pytest  # noqa: E402
 

@@ -7,7 +7,7 @@ import os
 import sys
 
 scenario, port, num_processes, process_id, out = sys.argv[1:6]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = " ".join(["--xla_force_host_platform_device_count=2", os.environ.get("PDIFF_TESTS_XLA_OPT", "")])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import load_config, run_pdiff
+from conftest import load_config, run_pdiff, xla_flags
 from pdiff_jax import config as config_lib
 from pdiff_jax import model as model_lib
 
@@ -17,7 +17,7 @@ def test_bench_tiny_writes_every_figure(tmp_path, clip_dir):
   r = run_pdiff("bench", "--config=configs/tiny.py", f"--out={out}", f"--config.clip.model={clip_dir}",
                 "--config.clip.batch_size=4", f"--profile_dir={tmp_path / 'prof'}",
                 "--config.train.steps_per_dispatch=2", "--config.train.checkpoint_every=50",
-                "--config.sampler.solver=dpmpp2m", env={"XLA_FLAGS": ""})
+                "--config.sampler.solver=dpmpp2m", env={"XLA_FLAGS": xla_flags()})
   assert r.returncode == 0, r.stderr[-3000:]
   b = json.loads(out.read_text())
   assert b["num_devices"] == 1 and b["backend"] == "cpu" and b["device"].startswith("1 x ")
@@ -58,7 +58,7 @@ def test_bench_tiny_writes_every_figure(tmp_path, clip_dir):
 
 def test_bench_unknown_part_is_bad_usage(tmp_path):
   r = run_pdiff("bench", "--config=configs/tiny.py", f"--out={tmp_path / 'b.json'}", "--parts=train,gpu",
-                env={"XLA_FLAGS": ""})
+                env={"XLA_FLAGS": xla_flags()})
   assert r.returncode == 2 and "--parts: unknown gpu" in r.stderr
 
 

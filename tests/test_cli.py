@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_pdiff
+from conftest import ROOT, run_pdiff, xla_flags
 
-ONE_DEVICE = {"XLA_FLAGS": ""}
+ONE_DEVICE = {"XLA_FLAGS": xla_flags()}
 
 
 def test_train_then_resume(tmp_path):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_pdiff
+from conftest import run_pdiff, xla_flags
 from pdiff_jax import evaluate, report
 from pdiff_jax.inference import load_bundle
 from pdiff_jax.model import count_params
@@ -114,7 +114,7 @@ def test_score_on_a_results_file_equals_eval(evaluated, trained_workdir, clip_di
   r = run_pdiff("score", f"--results={tmp_path}/results.json",
                 f"--references={data}/dataset_coco.json", "--split=test", f"--vocab={vocab}",
                 f"--images={data}/images", f"--clip={clip_dir}", f"--out={tmp_path}/out",
-                env={"XLA_FLAGS": ""})
+                env={"XLA_FLAGS": xla_flags()})
   assert r.returncode == 0, r.stderr
   scored = json.load(open(tmp_path / "out" / "metrics.json"))
   assert CONTRACT_KEYS <= set(scored)
@@ -124,17 +124,17 @@ def test_score_on_a_results_file_equals_eval(evaluated, trained_workdir, clip_di
   assert "| BLEU-4 |" in r.stdout  # the Markdown table
   # Without images, CLIP-S is null; bad input is a one-line error.
   r = run_pdiff("score", f"--results={tmp_path}/results.json", f"--references={data}/dataset_coco.json",
-                f"--out={tmp_path}/out2", env={"XLA_FLAGS": ""})
+                f"--out={tmp_path}/out2", env={"XLA_FLAGS": xla_flags()})
   assert r.returncode == 0 and json.load(open(tmp_path / "out2" / "metrics.json"))["CLIP-S"] is None
   (tmp_path / "bad.json").write_text('[{"image_id": 1}]')
   r = run_pdiff("score", f"--results={tmp_path}/bad.json", f"--references={data}/dataset_coco.json",
-                f"--out={tmp_path}/out3", env={"XLA_FLAGS": ""})
+                f"--out={tmp_path}/out3", env={"XLA_FLAGS": xla_flags()})
   assert r.returncode == 1 and "bad.json" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_eval_command(trained_workdir):
   r = run_pdiff("eval", f"--workdir={trained_workdir[0]}", "--split=val", "--num_candidates=2",
-                "--steps=4", env={"XLA_FLAGS": ""})
+                "--steps=4", env={"XLA_FLAGS": xla_flags()})
   assert r.returncode == 0, r.stderr
   assert "| BLEU-4 | METEOR |" in r.stdout
   m = json.load(open(os.path.join(trained_workdir[0], "eval", "val", "metrics.json")))

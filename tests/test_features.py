@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import load_config, run_pdiff, write_karpathy
+from conftest import load_config, run_pdiff, write_karpathy, xla_flags
 from pdiff_jax import clip as clip_lib
 from pdiff_jax import train
 from pdiff_jax.data import features
@@ -159,7 +159,7 @@ def test_extract_then_train_from_the_command_line(dataset, clip_dir, tmp_path):
   overrides = [f"--config.data.source=karpathy:{path}", f"--config.data.image_root={root}/images",
                f"--config.data.feature_dir={tmp_path}/f", "--config.data.shard_size=4",
                f"--config.clip.model={clip_dir}", "--config.model.feature_dim=32"]
-  env = {"XLA_FLAGS": ""}
+  env = {"XLA_FLAGS": xla_flags()}
   r = run_pdiff("extract", "--config=configs/tiny.py", *overrides, env=env)
   assert r.returncode == 0, r.stderr
   assert json.loads(r.stdout)["splits"]["train"]["skipped"] == 1

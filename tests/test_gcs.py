@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import CONFIGS, write_karpathy
+from conftest import CONFIGS, write_karpathy, xla_flags
 from gcs_server import FakeGCS, use_in_this_process
 
 BUCKET = "pdiff-test"
@@ -52,7 +52,7 @@ def test_pod_workflow_on_gs(gcs, tmp_path, clip_dir):
     d.mkdir()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(HOME=str(home), TMPDIR=str(tmp), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=xla_flags(2))
   g = f"gs://{BUCKET}"
   config = [f"--config={CONFIGS}/tiny.py", f"--config.data.source=karpathy:{g}/data/dataset_coco.json",
             f"--config.data.image_root={g}/data/images", f"--config.data.feature_dir={g}/features",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_pdiff
+from conftest import run_pdiff, xla_flags
 from pdiff_jax import clip as clip_lib
 from pdiff_jax.checkpoint import CheckpointError
 from pdiff_jax.inference import Captioner, load_bundle
@@ -117,7 +117,7 @@ def test_caption_command(trained_workdir, image_paths, tmp_path):
   corrupt = tmp_path / "corrupt.png"
   corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
   png, jpg = image_paths[0], image_paths[1]
-  env = {"XLA_FLAGS": ""}
+  env = {"XLA_FLAGS": xla_flags()}
   r = run_pdiff("caption", f"--workdir={trained_workdir[0]}", "--json", "--num_candidates=3",
                 "--steps=5", png, str(corrupt), jpg, env=env)
   assert r.returncode == 1, r.stderr
@@ -197,6 +197,6 @@ def test_sampling_options_need_a_model_trained_for_them(captioner, trained_workd
   out = captioner.caption(image_paths[:1], num_candidates=3, steps=4, length="2")  # N works on any model
   assert all(len(c["caption"].split()) == 2 for c in out[0]["candidates"])
   r = run_pdiff("caption", f"--workdir={trained_workdir[0]}", "--guidance=2", image_paths[0],
-                env={"XLA_FLAGS": ""})
+                env={"XLA_FLAGS": xla_flags()})
   assert r.returncode == 2 and "--guidance: 2.0 needs a model trained with model.cond_drop" in r.stderr
   assert "Traceback" not in r.stderr

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, xla_flags
 from pdiff_jax import train
 
 LAUNCH = os.path.join(ROOT, "launch", "multihost_local.sh")
@@ -44,14 +44,14 @@ def test_two_processes_train_like_one_and_past_a_corrupt_checkpoint(tmp_path):
   w = tmp_path / "two"
   two = lambda steps: subprocess.run(
       ["bash", LAUNCH, "2", *args, f"--config.train.num_steps={steps}", f"--workdir={w}"], cwd=ROOT,
-      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, capture_output=True,
+      env={**env, "XLA_FLAGS": xla_flags(2)}, capture_output=True,
       text=True, timeout=600)
   first = two(4)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   one = subprocess.run([os.path.join(ROOT, ".venv", "bin", "python") if os.path.exists(
       os.path.join(ROOT, ".venv", "bin", "python")) else "python3", "-m", "pdiff_jax", *args,
                         "--config.train.num_steps=4", f"--workdir={tmp_path}/one"], cwd=ROOT,
-                       env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                       env={**env, "XLA_FLAGS": xla_flags(4)},
                        capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
   a, b = _restore(str(w), 4), _restore(f"{tmp_path}/one", 4)
@@ -115,7 +115,7 @@ def test_sigterm_on_one_process_stops_all_at_one_step(tmp_path):
   port = subprocess.run([sys.executable, "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); "
                          "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env.update(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
   args = ["train", "--config=configs/tiny.py", f"--workdir={w}", "--config.train.num_steps=1000000",
           "--config.train.checkpoint_every=1000000", "--config.train.log_every=5",
           "--config.train.eval_every=1000000", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
@@ -160,7 +160,7 @@ def test_two_process_eval_equals_one(tmp_path, trained_workdir):
   evaluate.evaluate(one, "test", num_candidates=3, steps=5, seed=0, progress=False)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   r = subprocess.run(["bash", LAUNCH, "2", "eval", f"--workdir={two}", "--split=test", "--num_candidates=3",
-                      "--steps=5"], cwd=ROOT, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                      "--steps=5"], cwd=ROOT, env={**env, "XLA_FLAGS": xla_flags(1)},
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert r.stdout.count("| BLEU-4 |") == 1 and "[process 0] | BLEU-4 |" in r.stdout  # process 0 reports
@@ -185,7 +185,7 @@ def test_two_process_bench(tmp_path):
   out = tmp_path / "b.json"
   r = subprocess.run(["bash", LAUNCH, "2", "bench", "--config=configs/tiny.py", f"--out={out}",
                       "--parts=train"], cwd=ROOT,
-                     env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                     env={**env, "XLA_FLAGS": xla_flags(2)},
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   b = json.loads(out.read_text())

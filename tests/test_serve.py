@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import xla_flags
+
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
@@ -38,7 +40,7 @@ class Server:
   def __init__(self, workdir, *flags, token=TOKEN):
     self.port = _free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    env = {**os.environ, "XLA_FLAGS": "", "PDIFF_SERVE_TOKEN": token}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "PDIFF_SERVE_TOKEN": token}
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "pdiff_jax", "serve", f"--workdir={workdir}", f"--port={self.port}",
          *flags], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
