@@ -22,6 +22,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import hmac
 import io
 import logging
 import os
@@ -344,11 +345,15 @@ def make_app(service: Service):
 
   @app.middleware("http")
   async def guard(request: Request, call_next):
-    # Every route needs the token but /healthz and the page itself (static, no model data: a
-    # browser cannot send a header when it opens a page; the page sends it on its API calls).
-    if service.token and request.url.path not in ("/healthz", "/", "/favicon.ico"):
-      if request.headers.get("authorization", "") != f"Bearer {service.token}":
-        return error(401, "missing or wrong 'Authorization: Bearer' token")
+    # Every route but /healthz needs the token. A browser cannot send a header when it opens a
+    # page, so the page also takes it as `/?token=T` (as Jupyter does) and sends the header on
+    # its API calls.
+    if service.token and request.url.path != "/healthz":
+      given = request.headers.get("authorization", "")
+      if request.url.path == "/" and "token" in request.query_params:
+        given = f"Bearer {request.query_params['token']}"
+      if not hmac.compare_digest(given.encode(), f"Bearer {service.token}".encode()):
+        return error(401, "missing or wrong 'Authorization: Bearer' token (the page: /?token=...)")
     if request.method == "POST":
       length = request.headers.get("content-length")
       if length is not None and (not length.isdigit() or int(length) > service.max_upload):
@@ -395,9 +400,10 @@ def make_app(service: Service):
       body += chunk
       if len(body) > service.max_upload:
         return error(413, f"upload over --max_upload_mb={service.max_upload / 2 ** 20:g}")
-    request._body = bytes(body)  # starlette parses the form from the buffered body
+    async def replay():  # the form is parsed from the counted body, handed over as one message
+      return {"type": "http.request", "body": bytes(body), "more_body": False}
     try:
-      form = await request.form()
+      form = await Request(request.scope, replay).form()
     except Exception as e:  # noqa: BLE001 -- any parse failure is the client's malformed body
       return error(400, f"malformed multipart body ({type(e).__name__})")
     try:
@@ -428,8 +434,9 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, token: str | 
   server = uvicorn.Server(config)
   warm = threading.Thread(target=service.warm_up, name="pdiff-warm-up", daemon=True)
   warm.start()
-  log.info("serving %s on http://%s:%d/ (token %s)", workdir, host, port,
-           "required" if service.token else "off")
+  log.info("serving %s on http://%s:%d/%s", workdir, host, port,
+           " (token required: the page at /?token=..., the API with 'Authorization: Bearer ...')"
+           if service.token else "")
   # uvicorn handles SIGTERM / SIGINT (stop accepting, answer the requests in flight) and then
   # raises the signal again for the handler it found: this one, so the process ends with 0.
   stopped = []

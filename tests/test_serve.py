@@ -94,7 +94,10 @@ def _captions(result):
 
 def test_answers_as_caption_json_and_as_a_lone_captioner(server, pngs, trained_workdir):
   assert httpx.get(server.url + "/healthz").json() == {"ready": True}  # no token needed
-  assert httpx.get(server.url + "/v1/model").status_code == 401
+  for path in ("/v1/model", "/", "/?token=wrong", "/v1/model?token=" + TOKEN):  # the query is for the page only
+    r = httpx.get(server.url + path)
+    assert r.status_code == 401 and "token" in r.json()["error"], path
+  assert httpx.get(server.url + "/?token=" + TOKEN).status_code == 200
   info = server.model()
   assert info["step"] == 100 and info["vocab_size"] > 2 and info["limits"]["max_images"] >= 2
   r = server.post([("image", pngs[0]), ("image", pngs[1])],
@@ -214,7 +217,7 @@ def test_the_page_in_a_real_browser(server, pngs, tmp_path):
   chromium, driver_path = "/usr/bin/chromium", "/usr/bin/chromedriver"
   if not (os.path.exists(chromium) and os.path.exists(driver_path)):
     pytest.skip("Debian's chromium and chromium-driver are not installed")
-  page = httpx.get(server.url + "/").text
+  page = httpx.get(server.url + "/", headers=server.headers).text
   assert "<script src" not in page and "http://" not in page and "https://" not in page  # self-contained
   options = webdriver.ChromeOptions()
   options.binary_location = chromium
@@ -222,11 +225,10 @@ def test_the_page_in_a_real_browser(server, pngs, tmp_path):
     options.add_argument(arg)
   browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
   try:
-    browser.get(server.url + "/")
-    token = browser.find_element(By.ID, "token")
-    token.send_keys(TOKEN)
-    token.send_keys("\t")  # change -> the page fetches /v1/model with it and fills in the defaults
+    browser.get(server.url + "/?token=" + TOKEN)  # the page sends it on its API calls, and hides it
     WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text.startswith("checkpoint"))
+    assert browser.current_url == server.url + "/"
+    assert browser.find_element(By.ID, "token").get_attribute("value") == TOKEN
     assert browser.find_element(By.ID, "n").get_attribute("value") == "4"  # tiny's sampler.num_candidates
     image = tmp_path / pngs[0][0]
     image.write_bytes(pngs[0][1])
