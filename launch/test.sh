@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # README command 2: builds .venv from the project's own files (if missing), installs the pinned
-# set with the test and tfds extras, and runs the whole suite. Extra arguments go to pytest.
+# set with the test, tfds and serve extras, and runs the whole suite. Extra arguments go to pytest.
 # Two pytest-xdist workers by default (PDIFF_TEST_WORKERS=N for more; 0 runs in this process,
 # as --pdb and -s need):
 # most tests wait on subprocesses, Java or compilation, so two workers on two cores cut the
-# suite by about a third here (15.7 -> 10.8 min when last timed both ways; 12.4 min on two now, 215 tests). Tests marked xdist_group share a worker (and its
-# session fixtures).
+# suite by about a third here (15.7 -> 10.8 min when last timed both ways; 10.5 min on two now,
+# 230 tests). Tests marked xdist_group share a worker (and its session fixtures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
