@@ -275,8 +275,9 @@ def _flags_serve(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_string("token", None, "Require 'Authorization: Bearer TOKEN' on the API "
                       "(default: $PDIFF_SERVE_TOKEN; unset = no token).", flag_values=fv)
-  flags.DEFINE_float("max_wait_ms", 10.0, "How long the first request of a batch waits for others "
-                     "to share its sampler call.", lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_float("max_wait_ms", None, "How long the first request of a batch waits for others "
+                     "to share its sampler call (default: 5% of the last call's time, at most "
+                     "250 ms).", lower_bound=0.0, flag_values=fv)
   flags.DEFINE_float("max_upload_mb", 20.0, "Largest request body accepted.", lower_bound=0.001,
                      flag_values=fv)
   _compilation_cache_flag(fv)

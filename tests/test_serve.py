@@ -131,6 +131,57 @@ def test_concurrent_requests_share_calls_and_get_their_lone_captions(server, png
   assert max(a["timings"]["batch_requests"] for a in answers) > 1
 
 
+class _SlowBatcher(serve_lib.Batcher):
+  """The real batching policy over a stand-in sampler call that takes `seconds` at any fill."""
+
+  def __init__(self, max_wait_ms, seconds):
+    import types
+    config = types.SimpleNamespace(sampler=types.SimpleNamespace(eta=1.0))
+    self.seconds = seconds
+    super().__init__(types.SimpleNamespace(sample_batch=8, bundle=types.SimpleNamespace(config=config)),
+                     max_wait_ms)
+
+  def caption(self, batch):
+    time.sleep(self.seconds)
+    self.calls += 1
+    self.images += sum(len(j.images) for j in batch)
+    return [{} for _ in batch]
+
+
+def _closed_loop(batcher, think_s, rounds):
+  """Clients that each send a request, wait for its answer, take `think` seconds, and again:
+  the mean images per call."""
+  import threading
+
+  def client(think):
+    for _ in range(rounds):
+      job = serve_lib._Job((1, 1, "ddim", 1.0, ""), [None], ["x"], 0, concurrent.futures.Future())
+      batcher.submit(job)
+      job.future.result(timeout=60)
+      time.sleep(think)
+
+  threads = [threading.Thread(target=client, args=(t,)) for t in think_s]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  batcher.close()
+  return batcher.images / batcher.calls
+
+
+def test_the_automatic_wait_lets_the_clients_just_answered_join_the_next_call():
+  """Two clients coming back 2 and 10 ms after their answers: with no wait they alternate, one
+  image a call; the default wait (5% of the last call: 20 ms) gathers both into every call."""
+  auto = _SlowBatcher(None, seconds=0.4)
+  assert auto.wait_seconds == 0.0  # no call timed yet
+  assert _closed_loop(auto, (0.002, 0.010), rounds=6) >= 1.6
+  assert auto.wait_seconds == pytest.approx(serve_lib.AUTO_WAIT_FRACTION * 0.4, rel=0.5)
+  assert _closed_loop(_SlowBatcher(0.0, seconds=0.4), (0.002, 0.010), rounds=6) <= 1.4
+  fixed = _SlowBatcher(30.0, seconds=0.4)
+  assert fixed.wait_seconds == 0.03
+  fixed.close()
+
+
 def _bomb() -> bytes:
   buf = io.BytesIO()
   Image.new("1", (10_000, 9_000)).save(buf, format="PNG")  # 90 M pixels in a few kB
