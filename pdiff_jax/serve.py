@@ -425,7 +425,7 @@ def make_app(service: Service):
     try:
       form = await Request(request.scope, replay).form()
     except Exception as e:  # noqa: BLE001 -- any parse failure is the client's malformed body
-      return error(400, f"malformed multipart body ({type(e).__name__})")
+      return error(400, f"malformed multipart body ({getattr(e, 'detail', None) or type(e).__name__})")
     try:
       job = await asyncio.to_thread(service.parse, form)
     finally:
