@@ -245,18 +245,18 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, pngs, tmp_p
 
 
 def test_load_32_clients_no_errors_and_flat_memory(server, pngs):
-  """2,000 requests from 32 concurrent clients, on the suite's tiny model (`pdiff bench
-  --parts=serve` runs the same on the demo model for BENCHMARKS.md): no errors, the calls shared,
-  resident memory within 10% of after warm-up."""
+  """1,000 requests from 32 concurrent clients, on the suite's tiny model (the suite's size:
+  ~25 s; `pdiff bench --parts=serve` runs the issue's 2,000 on the demo model for BENCHMARKS.md):
+  no errors, the calls shared, resident memory within 10% of after warm-up."""
   fields = {"num_candidates": 2, "steps": 4}
   serve_lib.load(server.url, pngs, clients=8, requests=64, fields=fields, token=TOKEN)  # warm
   rss_before = server.model()["stats"]["rss_bytes"]
   stats_before = server.model()["stats"]
-  result = serve_lib.load(server.url, pngs, clients=32, requests=2000, fields=fields, token=TOKEN)
+  result = serve_lib.load(server.url, pngs, clients=32, requests=1000, fields=fields, token=TOKEN)
   stats = server.model()["stats"]
   print(json.dumps(result))
   assert result["errors"] == 0, result["error_statuses"]
-  assert stats["images"] - stats_before["images"] == 2000
+  assert stats["images"] - stats_before["images"] == 1000
   mean_batch = (stats["images"] - stats_before["images"]) / (stats["sampler_calls"] - stats_before["sampler_calls"])
   assert mean_batch > 2  # concurrent requests share sampler calls
   assert stats["rss_bytes"] <= 1.10 * rss_before, (stats["rss_bytes"], rss_before)
