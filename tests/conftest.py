@@ -39,13 +39,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # only for the in-process reference checks): tests/hidden_heavy hides torch and diffusers from
 # them, ~2 s of every command-line run here (tensorboardX imports torch whenever it can). A pytest
 # process started under it (a pytest-xdist worker) takes them back before anything imports them.
-_HIDDEN_HEAVY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hidden_heavy")
+HIDDEN_HEAVY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hidden_heavy")
 for _name in ("torch", "diffusers"):
   if _name in sys.modules and sys.modules[_name] is None:
     del sys.modules[_name]
 if os.environ.get("PDIFF_TESTS_HIDE") is None:
   os.environ["PDIFF_TESTS_HIDE"] = "torch,diffusers"
-  os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HIDDEN_HEAVY, os.environ.get("PYTHONPATH")) if p)
+  os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HIDDEN_HEAVY, os.environ.get("PYTHONPATH")) if p)
 
 import pytest  # noqa: E402
 

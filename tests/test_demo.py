@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_pdiff
+from conftest import HIDDEN_HEAVY, run_pdiff
 from pdiff_jax.data import shapes
 
 
@@ -85,7 +85,6 @@ def test_attribute_labels_and_loss_of_the_small_clip_head():
   assert loss == pytest.approx(np.log(2) + np.log(4) + np.log(4) + np.log(5) + np.log(3), rel=1e-6)
 
 
-HIDDEN_HEAVY = os.path.join(os.path.dirname(__file__), "hidden_heavy")
 LIGHT_INSTALL = "tensorflow,torch,tensorflow_datasets,diffusers"  # what the demo's light install lacks
 
 
@@ -107,13 +106,14 @@ def test_demo_fast_end_to_end_twice_gives_the_same_figures(tmp_path):
   from pdiff_jax import demo
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=HIDDEN_HEAVY, PDIFF_TESTS_HIDE=LIGHT_INSTALL,
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "compilation_cache"))
-  out = {}
+  out, cached = {}, {}
   for name in ("a", "b"):
     p = subprocess.run([sys.executable, "-m", "pdiff_jax", "demo", f"--workdir={tmp_path / name}", "--fast"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     out[name] = p.stdout, p.stderr
-  assert os.listdir(tmp_path / "compilation_cache")
+    cached[name] = set(os.listdir(tmp_path / "compilation_cache"))
+  assert cached["a"] and cached["b"] == cached["a"]  # the second run compiled nothing: it read them all
   w = tmp_path / "a"
   summary = json.load(open(w / "demo_summary.json"))
   assert set(summary["variants"]) == {"model", "shuffled_features", "random_candidate"}

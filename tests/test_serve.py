@@ -99,6 +99,7 @@ def test_answers_as_caption_json_and_as_a_lone_captioner(server, pngs, trained_w
     assert r.status_code == 401 and "token" in r.json()["error"], path
   assert httpx.get(server.url + "/?token=" + TOKEN).status_code == 200
   info = server.model()
+  assert info["limits"]["max_wait_ms"] == info["limits"]["wait_ms"] == 30  # the fixture's flag
   assert info["step"] == 100 and info["vocab_size"] > 2 and info["limits"]["max_images"] >= 2
   r = server.post([("image", pngs[0]), ("image", pngs[1])],
                   {"num_candidates": 3, "steps": 4, "seed": 5})
@@ -171,13 +172,13 @@ def _closed_loop(batcher, think_s, rounds):
 
 def test_the_automatic_wait_lets_the_clients_just_answered_join_the_next_call():
   """Two clients coming back 2 and 10 ms after their answers: with no wait they alternate, one
-  image a call; the default wait (5% of the last call: 20 ms) gathers both into every call."""
-  auto = _SlowBatcher(None, seconds=0.4)
+  image a call; the default wait (5% of the last call: 30 ms) gathers both into every call."""
+  auto = _SlowBatcher(None, seconds=0.6)
   assert auto.wait_seconds == 0.0  # no call timed yet
   assert _closed_loop(auto, (0.002, 0.010), rounds=6) >= 1.6
-  assert auto.wait_seconds == pytest.approx(serve_lib.AUTO_WAIT_FRACTION * 0.4, rel=0.5)
-  assert _closed_loop(_SlowBatcher(0.0, seconds=0.4), (0.002, 0.010), rounds=6) <= 1.4
-  fixed = _SlowBatcher(30.0, seconds=0.4)
+  assert auto.wait_seconds == pytest.approx(serve_lib.AUTO_WAIT_FRACTION * 0.6, rel=0.5)
+  assert _closed_loop(_SlowBatcher(0.0, seconds=0.6), (0.002, 0.010), rounds=6) <= 1.4
+  fixed = _SlowBatcher(30.0, seconds=0.6)
   assert fixed.wait_seconds == 0.03
   fixed.close()
 

@@ -491,9 +491,9 @@ def test_the_training_options_drop_the_condition_self_condition_and_learn_the_le
   np.testing.assert_allclose(terms["length"], expected, rtol=1e-6)
   np.testing.assert_allclose(loss, terms["mse"] + terms["round"] + terms["prior"] + terms["length"], rtol=1e-6)
   # no gradient flows through the first estimate: the gradient is that of a loss fed it as a constant
-  loss = lambda m: jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, jax.random.key(1), model=m,
-                                                          schedule=schedule, train=True)[0]))
-  grads = loss(model)(params)
+  grad_of = lambda m: jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, jax.random.key(1), model=m,
+                                                             schedule=schedule, train=True)[0]))
+  grads = grad_of(model)(params)
   constant = jnp.where(fed[:, None, None], est, 0.0)  # what the second pass was fed, as a constant
 
   class Fixed:  # the model, with the constant in place of the second pass's input (traced once)
@@ -506,5 +506,5 @@ def test_the_training_options_drop_the_condition_self_condition_and_learn_the_le
           k = {**k, "x0_self_BLW": constant}
       return model.apply(v, *a, **k)
 
-  const = loss(Fixed())(params)
+  const = grad_of(Fixed())(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, const)
