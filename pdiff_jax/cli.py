@@ -21,9 +21,9 @@ commands:
   demo    --workdir=DIR [--fast]                                 the whole pipeline on embedded synthetic data
   extract --config=CFG [--config.key=value ...]                  CLIP features + vocabulary of every split
   train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
-  caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--solver=ddim|dpmpp2m] [--guidance=S]
+  caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--solver=ddim|dpmpp2m|dpmpp2m-sde] [--guidance=S]
           [--length=auto|N|MIN-MAX] [--json] IMAGE...
-  eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--solver=ddim|dpmpp2m] [--guidance=S]
+  eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--solver=ddim|dpmpp2m|dpmpp2m-sde] [--guidance=S]
           [--length=auto|N|MIN-MAX] [--sweep]
   score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
   bench   [--config=CFG] --out=FILE [--parts=train,sample,clip,pipeline,extract,serve] [--profile_dir=DIR]

@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.eta = 1.0  # DDIM eta: 1 = ancestral (the original), 0 = deterministic
   c.sampler.mode = "rediscretise"  # the original's fresh T_sample schedule; or "respace"
   c.sampler.clamp = True  # replace x0_hat by the nearest word embedding at every step
-  c.sampler.solver = "ddim"  # the original's; or "dpmpp2m" (DPM-Solver++(2M), deterministic)
+  c.sampler.solver = "ddim"  # the original's; "dpmpp2m" (DPM-Solver++(2M), deterministic) or "dpmpp2m-sde"
   c.sampler.guidance = 1.0  # classifier-free guidance scale: 1 = none, 0 = unconditional
   c.sampler.length = ""  # "" = the model decides (the original); "auto", "N" or "MIN-MAX" words
   c.sampler.batch_size = 8  # images per sampling call (each with num_candidates chains)

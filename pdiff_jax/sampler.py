@@ -1,4 +1,4 @@
-"""Sampling: solvers (DDIM, DPM-Solver++(2M)) as step rules, the whole chain in one
+"""Sampling: solvers (DDIM, DPM-Solver++(2M) and its SDE variant) as step rules, the whole chain in one
 `fori_loop`, n candidates per image by vmap; classifier-free guidance wraps the denoiser,
 self-conditioning is a denoiser that reads the previous estimate, and a length constrains
 positions (the k-diffusion shape: a sampler is a function of (denoiser, x, schedule)).
@@ -106,14 +106,17 @@ def ddim(eta: float = 1.0) -> Solver:
   return Solver(lambda x: (), step)
 
 
-def dpm_solver_2m() -> Solver:
-  """DPM-Solver++(2M) (Lu et al. 2022) for an x0-predicting model: deterministic, second order
-  and multistep. The first step is first order (nothing to extrapolate from yet), and so is the
-  last, which lands on abar = 1 (sigma 0, as diffusers' `final_sigmas_type="zero"`). State: the
-  previous step's x0 estimate and its lambda = log(alpha / sigma)."""
+def dpm_solver_2m(sde: bool = False) -> Solver:
+  """DPM-Solver++(2M) (Lu et al. 2022) for an x0-predicting model: second order and multistep.
+  The first step is first order (nothing to extrapolate from yet), and so is the last, which
+  lands on abar = 1 (sigma 0, as diffusers' `final_sigmas_type="zero"`). State: the previous
+  step's x0 estimate and its lambda = log(alpha / sigma).
+
+  `sde=False`: the deterministic ODE solver. `sde=True`: SDE-DPM-Solver++(2M) (the paper's
+  stochastic variant, diffusers' "sde-dpmsolver++"), which adds fresh noise at every step as the
+  original's ancestral DDIM does; its first-order step is exactly that DDPM step."""
 
   def step(x, x0_hat, k, sched, state, key):
-    del key  # deterministic
     x0_prev, lam_prev, have_prev = state
     abar_s, abar_t = sched.alphas_cumprod[k], sched.alphas_cumprod_prev[k]
     alpha_s, sigma_s = jnp.sqrt(abar_s), jnp.sqrt(1.0 - abar_s)
@@ -124,14 +127,21 @@ def dpm_solver_2m() -> Solver:
     half_over_r = 0.5 * h / (lam_s - lam_prev)  # r = (lam_s - lam_prev) / h
     second = have_prev & (k > 0)
     d = jnp.where(second, (1.0 + half_over_r) * x0_hat - half_over_r * x0_prev, x0_hat)
-    x_t = jnp.where(k > 0, (sigma_t / sigma_s) * x - alpha_t * jnp.expm1(-h) * d, x0_hat)
+    if sde:
+      noise = jax.random.normal(key, x.shape, jnp.float32)
+      x_next = ((sigma_t / sigma_s) * jnp.exp(-h) * x - alpha_t * jnp.expm1(-2.0 * h) * d
+                + sigma_t * jnp.sqrt(-jnp.expm1(-2.0 * h)) * noise)
+    else:
+      x_next = (sigma_t / sigma_s) * x - alpha_t * jnp.expm1(-h) * d
+    x_t = jnp.where(k > 0, x_next, x0_hat)
     return x_t, (x0_hat, lam_s, jnp.bool_(True))
 
   return Solver(lambda x: (jnp.zeros_like(x), jnp.float32(0.0), jnp.bool_(False)), step)
 
 
 # Config names (`sampler.solver`, `--solver`) -> f(eta) -> Solver; eta is DDIM's alone.
-SOLVERS = {"ddim": ddim, "dpmpp2m": lambda eta: dpm_solver_2m()}
+SOLVERS = {"ddim": ddim, "dpmpp2m": lambda eta: dpm_solver_2m(),
+           "dpmpp2m-sde": lambda eta: dpm_solver_2m(sde=True)}
 
 
 def make_solver(name: str, eta: float = 1.0) -> Solver:

@@ -251,6 +251,52 @@ def test_dpm_solver_2m_matches_diffusers(mode):
   np.testing.assert_array_equal(ours, again)
 
 
+@pytest.mark.parametrize("mode", ["respace", "rediscretise"])
+def test_sde_dpm_solver_2m_matches_diffusers(mode):
+  """SDE-DPM-Solver++(2M) equals diffusers' DPMSolverMultistepScheduler with
+  algorithm_type="sde-dpmsolver++" handed the same noise at every step (`variance_noise`: the
+  chain's noise of step k is normal(fold_in(key_steps, k))), to 1e-5; a different chain key
+  gives a different sample from the same x_T."""
+  import torch
+  from diffusers import DPMSolverMultistepScheduler
+  train_steps, steps, shape = 100, 10, (6, 4)
+  sched = S.make_sampling_schedule("trunc_cos", train_steps, steps, mode)
+  if mode == "respace":
+    betas, timesteps = diffusion.betas("trunc_cos", train_steps), S.respaced_timesteps(train_steps, steps)
+  else:
+    betas, timesteps = diffusion.betas("trunc_cos", steps), np.arange(steps)
+  w = np.asarray(jax.random.normal(jax.random.key(3), (shape[1], shape[1]))) / 2
+  denoise = lambda x, model_t, x0_prev: jnp.tanh(x @ jnp.asarray(w)) * (1.0 - model_t / 2000.0) + 0.05 * x
+  x_T = jax.random.normal(jax.random.key(4), shape)
+  key = jax.random.key(0)
+  ours = S.sample_chain(denoise, None, sched, key, shape, clamp=False, x_T=x_T,
+                        solver=S.make_solver("dpmpp2m-sde"))
+
+  ref = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=np.asarray(betas, np.float64),
+                                    algorithm_type="sde-dpmsolver++", solver_order=2, prediction_type="sample",
+                                    final_sigmas_type="zero", lower_order_final=True)
+  ref.set_timesteps(timesteps=[int(t) for t in timesteps[::-1]])
+  key_steps = jax.random.split(key)[1]
+  x = torch.tensor(np.asarray(x_T), dtype=torch.float64)
+  for i, t in enumerate(ref.timesteps):
+    k = steps - 1 - i
+    x0 = torch.tensor(np.asarray(denoise(jnp.asarray(x.numpy(), jnp.float32), sched.model_t[k], None)),
+                      dtype=torch.float64)
+    noise = torch.tensor(np.asarray(jax.random.normal(jax.random.fold_in(key_steps, k), shape)),
+                         dtype=torch.float64)
+    x = ref.step(x0, t, x, variance_noise=noise).prev_sample
+  np.testing.assert_allclose(np.asarray(ours), x.numpy(), atol=1e-5, rtol=1e-5)
+  other = S.sample_chain(denoise, None, sched, jax.random.key(9), shape, clamp=False, x_T=x_T,
+                         solver=S.make_solver("dpmpp2m-sde"))
+  assert np.abs(np.asarray(other) - np.asarray(ours)).max() > 1e-2
+  # Its first-order step (the first of the chain) is the original's ancestral DDIM (DDPM) step.
+  sde, ddim = S.make_solver("dpmpp2m-sde"), S.make_solver("ddim", 1.0)
+  x0 = denoise(x_T, sched.model_t[steps - 1], None)
+  a = sde.step(x_T, x0, steps - 1, sched, sde.init(x_T), jax.random.key(5))[0]
+  b = ddim.step(x_T, x0, steps - 1, sched, ddim.init(x_T), jax.random.key(5))[0]
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
 def test_the_solver_is_a_config_key_and_a_flag(tiny):
   config, model, params, clip = tiny
   with pytest.raises(config_lib.ConfigError, match="sampler.solver"):
