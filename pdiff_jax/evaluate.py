@@ -22,6 +22,7 @@ from pdiff_jax.metrics import clipscore, coco, diversity, exact
 SWEEP_CANDIDATES = (1, 2, 5, 10, 20)
 SWEEP_STEPS = (5, 10, 20, 50, 100, 200)
 SWEEP_GUIDANCE = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0)  # a model trained with model.cond_drop
+SWEEP_SOLVER_STEPS = (5, 10, 20)  # every solver (sampler.SOLVERS) at each of these
 TABLE_KEYS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S", "Div-2",
               "mBLEU-4", "Vocab")
 
@@ -223,14 +224,29 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
     for k in SWEEP_CANDIDATES:
       sub = [{**e, **r} for e, r in zip(entries, rank_candidates(captions, scores, k))]
       sweeps["candidates"].append({"n": k, **(_cider_div2(sub) if lead else {})})
-    sweeps["steps"] = []
-    for st in sorted({x for x in SWEEP_STEPS if x <= max(steps, 20)} | {steps}):
-      cs, sc = sample_split(captioner, features, rerank_emb, n, st, seed, eta, progress, **opts)
+    attrs = [truth[e["image_id"]] for e in entries] if truth is not None else None
+
+    def point(cs, sc) -> dict:  # CIDEr and Div-2, and exactly_right on the shapes
       sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
-      sweeps["steps"].append({"steps": st, **(_cider_div2(sub) if lead else {})})
+      if not lead:
+        return {}
+      right = {} if attrs is None else {"exactly_right": exact.shapes_scores(
+          [e["caption"] for e in sub], None, attrs)["exactly_right"]}
+      return {**_cider_div2(sub), **right}
+
+    sweeps["steps"], sweeps["solvers"] = [], []
+    for st in sorted({x for x in SWEEP_STEPS if x <= max(steps, 20)} | {steps}):
+      sweeps["steps"].append({"steps": st, **point(*sample_split(
+          captioner, features, rerank_emb, n, st, seed, eta, progress, **opts))})
+    for name in sampler_lib.SOLVERS:  # each solver against the steps (the configured one's reused)
+      for st in SWEEP_SOLVER_STEPS:
+        done = next((p for p in sweeps["steps"] if p["steps"] == st), None)
+        if name != opts["solver"] or done is None:
+          done = {"steps": st, **point(*sample_split(captioner, features, rerank_emb, n, st, seed,
+                                                     eta, progress, **{**opts, "solver": name}))}
+        sweeps["solvers"].append({"solver": name, **done})
     if cfg.cond_drop > 0:  # the fidelity / diversity trade-off of the guidance scale
       sweeps["guidance"] = []
-      attrs = [truth[e["image_id"]] for e in entries] if truth is not None else None
       for g in SWEEP_GUIDANCE:
         cs, sc = sample_split(captioner, features, rerank_emb, n, steps, seed, eta, progress,
                               **{**opts, "guidance": g})

@@ -50,6 +50,16 @@ def _thumbnail(path: str) -> str | None:
   return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _png(fig) -> str:
+  """A matplotlib figure as a PNG data URI (and closed)."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  plt.close(fig)
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _plot(points: Sequence[dict], x: str, title: str, left: str = "CIDEr",
           log_x: bool = True) -> str:
   """A PNG data URI: `left` (CIDEr or a fraction, as %) on the left axis, Div-2 on the right."""
@@ -67,11 +77,7 @@ def _plot(points: Sequence[dict], x: str, title: str, left: str = "CIDEr",
   ax2.plot(xs, [p["Div-2"] for p in points], "s--", color="tab:orange", label="Div-2")
   ax2.set_ylabel("Div-2", color="tab:orange")
   ax1.set_title(title)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png")
-  plt.close(fig)
-  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+  return _png(fig)
 
 
 def _fmt(v) -> str:
@@ -114,6 +120,25 @@ def summary_table(variants: dict[str, dict], keys: Sequence[str] = ("CIDEr", "BL
   return f"<table class='summary'><tr><th></th>{head}</tr>{rows}</table>"
 
 
+def _plot_solvers(points: Sequence[dict]) -> str:
+  """A PNG data URI: exactly_right (%, on the shapes) or CIDEr against sampling steps, one line
+  per solver (`{"solver", "steps", ...}` points)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  left = "exactly_right" if points[0].get("exactly_right") is not None else "CIDEr"
+  fig, ax = plt.subplots(figsize=(4.8, 3.2), dpi=100)
+  for name in dict.fromkeys(p["solver"] for p in points):
+    line = [p for p in points if p["solver"] == name]
+    ax.plot([p["steps"] for p in line], [100 * p[left] for p in line], "o-", label=name)
+  ax.set_xscale("log")
+  ax.set_xlabel("steps")
+  ax.set_ylabel(left if left == "CIDEr" else f"{left} (%)")
+  ax.legend()
+  ax.set_title("solvers against sampling steps")
+  return _png(fig)
+
+
 def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: int | None = None,
            preface: str = "") -> str:
   """The page; thumbnails for the first `max_thumbnails` images only (None: all), the rest as
@@ -136,6 +161,8 @@ def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: i
       parts.append(f"<img alt='CIDEr and Div-2 against n' src='{_plot(sweep['candidates'], 'n', 'against candidates n')}'>")
     if sweep.get("steps"):
       parts.append(f"<img alt='CIDEr and Div-2 against steps' src='{_plot(sweep['steps'], 'steps', 'against sampling steps')}'>")
+    if sweep.get("solvers"):
+      parts.append(f"<img alt='solvers against steps' src='{_plot_solvers(sweep['solvers'])}'>")
     if sweep.get("guidance"):
       points = sweep["guidance"]
       left = "exactly_right" if points[0].get("exactly_right") is not None else "CIDEr"

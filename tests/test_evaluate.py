@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_pdiff, xla_flags
-from pdiff_jax import evaluate, report
+from pdiff_jax import evaluate, report, sampler
 from pdiff_jax.inference import load_bundle
 from pdiff_jax.model import count_params
 
@@ -48,6 +48,13 @@ def test_eval_outputs(evaluated, trained_workdir):
   sweep = metrics["sweep"]
   assert [p["n"] for p in sweep["candidates"]] == [1, 2, 5, 10, 20]
   assert [p["steps"] for p in sweep["steps"]][:3] == [5, 10, 20]
+  # every solver at 5, 10 and 20 steps; the configured one's points are the steps sweep's
+  assert [(p["solver"], p["steps"]) for p in sweep["solvers"]] == [
+      (name, st) for name in sampler.SOLVERS for st in evaluate.SWEEP_SOLVER_STEPS]
+  for p in sweep["solvers"]:
+    assert 0 <= p["Div-2"] <= 1 and p["CIDEr"] >= 0
+    if p["solver"] == "ddim":
+      assert p == {"solver": "ddim", **next(q for q in sweep["steps"] if q["steps"] == p["steps"])}
 
 
 def test_eval_quality_equals_the_scorers_by_hand(evaluated):
@@ -89,7 +96,7 @@ def test_report_has_every_image_and_escapes_text(evaluated):
   _, metrics, captions, out = evaluated
   page = open(os.path.join(out, "report.html")).read()
   assert page.count("data:image/jpeg;base64,") == len(captions)
-  assert page.count("data:image/png;base64,") == 2  # the two sweep plots
+  assert page.count("data:image/png;base64,") == 3  # the sweep plots: n, steps, solvers
   for c in captions:
     assert str(c["image_id"]) in page
   evil = [{**captions[0], "caption": "<script>alert(1)</script>",
