@@ -69,15 +69,19 @@ import optax
 from pdiff_jax import clip as clip_lib
 from pdiff_jax.data import shapes
 from pdiff_jax.data.images import load_image
+from pdiff_jax.metrics import exact
 
 log = logging.getLogger(__name__)
 
 
 def _info_nce(out) -> jax.Array:
-  logits = out.logits_per_image  # (B, B), already scaled by exp(logit_scale)
-  labels = jnp.arange(logits.shape[0])
+  """Symmetric InfoNCE of B images against their B captions; texts past the first B (hard
+  negatives) are extra wrong answers for every image, and are no image's caption."""
+  logits = out.logits_per_image  # (B, T >= B), already scaled by exp(logit_scale)
+  B = logits.shape[0]
+  labels = jnp.arange(B)
   return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+                + optax.softmax_cross_entropy_with_integer_labels(logits[:, :B].T, labels).mean())
 
 
 # What the attribute head predicts from an image embedding, as (name, classes) in label order:
@@ -92,7 +96,8 @@ def _label_layout():
 
 
 def attribute_labels(attrs: dict) -> np.ndarray:
-  """The attribute head's integer labels of one shapes image (-1 where a label does not apply)."""
+  """The attribute head's integer labels of one shapes image (-1 where a label does not apply),
+  or of a caption's reading (`exact.parses`; objects without a size have size label 0)."""
   colours, objs = list(shapes.COLORS), attrs["objects"]
   ncol = len(colours)
   y = np.full(3 + 2 * ncol, 0, np.int32)
@@ -107,14 +112,58 @@ def attribute_labels(attrs: dict) -> np.ndarray:
   for o in objs:
     c = colours.index(o["color"])
     y[3 + c] = 1 + shapes.SHAPES.index(o["shape"])
-    y[3 + ncol + c] = 1 + shapes.SIZES.index(o["size"])
+    if "size" in o:
+      y[3 + ncol + c] = 1 + shapes.SIZES.index(o["size"])
   return y
 
 
-def _attribute_loss(head: jax.Array, embeds: jax.Array, labels: jax.Array) -> jax.Array:
+def caption_labels(caption: str) -> np.ndarray:
+  """The attribute head's labels as far as one caption states them (`attribute_labels` of its
+  first template reading: -1, or 0 for a colour's size, where it says nothing): what the text
+  embedding of a true caption must carry about its image, each colour's shape included."""
+  readings = exact.parses(caption)
+  if not readings:
+    raise ValueError(f"not a caption of the shapes grammar: {caption!r}")
+  return attribute_labels(readings[0])
+
+
+_VALUES = {"color": tuple(shapes.COLORS), "shape": shapes.SHAPES, "size": shapes.SIZES,
+           "side": shapes.SIDES, "rel": tuple(shapes.INVERSE)}
+_KIND = {"c1": "color", "c2": "color", "s1": "shape", "s2": "shape", "z1": "size", "z2": "size",
+         "inv": "rel"}
+
+
+def false_twins(caption: str, attrs: dict) -> dict[str, list[str]]:
+  """The captions of the same phrasing as `caption` with one slot changed (colour, shape, size,
+  side or relation) or, for two objects of different shapes, the shapes exchanged ("swap"), that
+  are not true of the image `attrs`: hard negatives, by the kind of change."""
+  templates = shapes.ONE + shapes.TWO
+  for template, (_, pattern) in zip(templates, exact.patterns()):
+    m = pattern.fullmatch(caption)
+    if m is not None:
+      break
+  else:
+    raise ValueError(f"not a caption of the shapes grammar: {caption!r}")
+  slots = m.groupdict()
+  out: dict[str, list[str]] = {}
+  for slot, value in slots.items():
+    kind = _KIND.get(slot, slot)
+    for other in _VALUES[kind]:
+      if other != value:
+        out.setdefault("where" if kind in ("side", "rel") else kind, []).append(
+            template.format(**{**slots, slot: other}))
+  if "s1" in slots and slots["s1"] != slots["s2"]:
+    out["swap"] = [template.format(**{**slots, "s1": slots["s2"], "s2": slots["s1"]})]
+  out = {k: [c for c in v if not exact.check(c, attrs)["exactly_right"]] for k, v in out.items()}
+  return {k: v for k, v in out.items() if v}
+
+
+def _attribute_loss(head: jax.Array, embeds: jax.Array, labels: jax.Array,
+                    absent: bool = False) -> jax.Array:
   """Sum over the groups count, side, relation, shape, size of the mean cross-entropy of the
-  labels that apply (shape and size only of the colours present), from 16 x the normalised
-  embedding (CLIP's output `image_embeds`) times `head`."""
+  labels that apply (shape and size only of the colours present; with `absent`, every colour's
+  shape, class 0 meaning that no object has that colour), from 16 x the normalised embedding
+  (CLIP's output `image_embeds` or `text_embeds`) times `head`."""
   layout = _label_layout()
   bounds = np.cumsum([0] + [k for _, k in layout])
   logits = 16.0 * embeds @ head
@@ -125,7 +174,7 @@ def _attribute_loss(head: jax.Array, embeds: jax.Array, labels: jax.Array) -> ja
     num = den = 0.0
     for t in group:
       y = labels[:, t]
-      ok = y >= (1 if t >= 3 else 0)
+      ok = y >= (1 if t >= 3 + ncol or (t >= 3 and not absent) else 0)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, bounds[t]:bounds[t + 1]],
                                                            jnp.maximum(y, 0))
       num, den = num + jnp.sum(ce * ok), den + ok.sum()
@@ -155,6 +204,7 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
                      layers: int = 2, heads: int = 4, projection_dim: int = 64, max_text_len: int = 16,
                      grayscale_prob: float = 0.5, warmup_steps: int = 50,
                      attributes: list[dict] | None = None, attribute_weight: float = 1.0,
+                     text_head: bool = False, absent_class: bool = False, hard_negatives: int = 0,
                      progress: bool = True) -> str:
   """Trains on (image, one of its captions) pairs for exactly `steps` steps (the same work on any
   machine) and saves to `out_dir` (kept if it exists).
@@ -183,22 +233,45 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   use_head = attributes is not None
   params = {"clip": clip.params}
   labels = np.zeros((len(pixels), 0), np.int32)  # sliced per batch like the ids; empty without a head
+  text_labels = np.zeros((len(pixels), per_image, 0), np.int32)
   if use_head:
     labels = np.stack([attribute_labels(a) for a in attributes])
     params["head"] = jnp.zeros((projection_dim, sum(k for _, k in _label_layout())))
+    if text_head:
+      text_labels = np.stack([[caption_labels(c) for c in caps] for caps in captions])
+  neg_ids = neg_mask = np.zeros((len(pixels), per_image, 0, ids.shape[-1]), np.int32)
+  if hard_negatives:
+    # For each caption, `hard_negatives` false twins drawn up front (a kind of change, then one
+    # caption of that kind), so that the steps tokenize nothing.
+    twin_rng = np.random.default_rng([seed, 1])
+    twins = []
+    for caps, attrs in zip(captions, attributes):
+      for c in caps:
+        kinds = false_twins(c, attrs)
+        names = sorted(kinds)
+        for _ in range(hard_negatives):
+          pool = kinds[names[twin_rng.integers(len(names))]]
+          twins.append(pool[twin_rng.integers(len(pool))])
+    neg_ids, neg_mask = clip.tokenize(twins)
+    neg_ids = neg_ids.reshape(len(captions), per_image, hard_negatives, -1)
+    neg_mask = neg_mask.reshape(len(captions), per_image, hard_negatives, -1)
   opt_state = tx.init(params)
 
-  def loss_fn(params, pix, ids, mask, labels):
+  def loss_fn(params, pix, ids, mask, labels, text_labels):
     out = clip.model(input_ids=ids, pixel_values=pix, attention_mask=mask, params=params["clip"],
                      train=False)
     loss = _info_nce(out)
     if use_head:
-      loss = loss + attribute_weight * _attribute_loss(params["head"], out.image_embeds, labels)
+      loss = loss + attribute_weight * _attribute_loss(params["head"], out.image_embeds, labels,
+                                                       absent_class)
+    if use_head and text_head:
+      loss = loss + attribute_weight * _attribute_loss(
+          params["head"], out.text_embeds[:labels.shape[0]], text_labels, absent_class)
     return loss
 
   @jax.jit
-  def step(params, opt_state, pix, ids, mask, labels):
-    loss, grads = jax.value_and_grad(loss_fn)(params, pix, ids, mask, labels)
+  def step(params, opt_state, pix, ids, mask, labels, text_labels):
+    loss, grads = jax.value_and_grad(loss_fn)(params, pix, ids, mask, labels, text_labels)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -211,7 +284,13 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
     idx = rng.choice(len(pixels), size=min(batch_size, len(pixels)), replace=False)
     which = rng.integers(0, per_image, size=len(idx))
     batch = random_grayscale(pixels[idx], grayscale_prob, clip.transform, rng)
-    params, opt_state, loss = step(params, opt_state, batch, ids[idx, which], mask[idx, which], labels[idx])
+    text_ids, text_mask = ids[idx, which], mask[idx, which]
+    if hard_negatives:
+      k = rng.integers(0, hard_negatives, size=len(idx))
+      text_ids = np.concatenate([text_ids, neg_ids[idx, which, k]])
+      text_mask = np.concatenate([text_mask, neg_mask[idx, which, k]])
+    params, opt_state, loss = step(params, opt_state, batch, text_ids, text_mask, labels[idx],
+                                   text_labels[idx, which])
     bar.update(1)
     if done % 25 == 0:
       bar.set_postfix(loss=f"{float(loss):.3f}")

@@ -85,6 +85,74 @@ def test_attribute_labels_and_loss_of_the_small_clip_head():
   assert loss == pytest.approx(np.log(2) + np.log(4) + np.log(4) + np.log(5) + np.log(3), rel=1e-6)
 
 
+def test_caption_labels_are_the_image_labels_the_caption_states():
+  """A true caption's labels agree with its image's wherever the caption states one, and state
+  every colour's shape (class 0: no object of that colour); sizes only where it names them."""
+  from pdiff_jax import clip_pretrain
+  ncol = len(shapes.COLORS)
+  rng = np.random.default_rng(3)
+  for _ in range(40):
+    _, attrs = shapes.make_example(rng)
+    truth = clip_pretrain.attribute_labels(attrs)
+    for caption in shapes.captions_for(attrs, 5, rng):
+      y = clip_pretrain.caption_labels(caption)
+      np.testing.assert_array_equal(y[3:3 + ncol], truth[3:3 + ncol])  # shape per colour, 0 = absent
+      assert y[0] == truth[0]
+      for t in (1, 2):  # side, relation: stated or -1
+        assert y[t] in (-1, truth[t])
+      assert (y[1] >= 0) == any(w in caption.split() for w in shapes.SIDES if len(attrs["objects"]) == 1)
+      says_size = any(w in caption.split() for w in shapes.SIZES)
+      sizes = y[3 + ncol:]
+      assert np.all((sizes == 0) | (sizes == truth[3 + ncol:])) and (sizes.any() == says_size)
+  y = clip_pretrain.caption_labels("a blue square below a red triangle")
+  colours = list(shapes.COLORS)
+  assert y[0] == 1 and y[1] == -1 and list(shapes.INVERSE)[y[2]] == "above"  # red (first) is above blue
+  assert y[3 + colours.index("red")] == 1 + shapes.SHAPES.index("triangle")
+  assert y[3 + colours.index("blue")] == 1 + shapes.SHAPES.index("square")
+  with pytest.raises(ValueError, match="not a caption"):
+    clip_pretrain.caption_labels("a square red blue")
+
+
+def test_false_twins_are_sentences_of_the_grammar_and_false_of_the_image():
+  from pdiff_jax import clip_pretrain
+  from pdiff_jax.metrics import exact
+  rng = np.random.default_rng(4)
+  for _ in range(30):
+    _, attrs = shapes.make_example(rng)
+    for caption in shapes.captions_for(attrs, 3, rng):
+      twins = clip_pretrain.false_twins(caption, attrs)
+      assert {"color", "shape"} <= set(twins) <= {"color", "shape", "size", "where", "swap"}
+      for kind, captions in twins.items():
+        for c in captions:
+          check = exact.check(c, attrs)
+          assert check["grammatical"] and not check["exactly_right"], (caption, kind, c)
+          assert c != caption
+  red = {"color": "red", "shape": "circle", "size": "small", "x": 12, "y": 30}
+  blue = {"color": "blue", "shape": "square", "size": "big", "x": 50, "y": 30}
+  twins = clip_pretrain.false_twins("a red circle left of a blue square", shapes.where([red, blue]))
+  assert twins["swap"] == ["a red square left of a blue circle"]
+  assert twins["where"] == ["a red circle right of a blue square", "a red circle above a blue square",
+                            "a red circle below a blue square"]
+  assert "a red square left of a blue square" in twins["shape"] and len(twins["shape"]) == 6
+  assert "size" not in twins  # the phrasing names no size
+
+
+def test_info_nce_with_hard_negative_texts():
+  """Texts past the first B are extra wrong answers for every image and no image's caption: the
+  image-to-text term runs over all T texts, the text-to-image term over the B true ones."""
+  import jax.numpy as jnp
+  from types import SimpleNamespace
+  from pdiff_jax import clip_pretrain
+  logits = np.random.default_rng(0).normal(size=(3, 6)) * 3
+  lse = lambda a, axis: np.log(np.exp(a).sum(axis))
+  i2t = np.mean(lse(logits, 1) - logits[np.arange(3), np.arange(3)])
+  t2i = np.mean(lse(logits[:, :3], 0) - logits[np.arange(3), np.arange(3)])
+  got = clip_pretrain._info_nce(SimpleNamespace(logits_per_image=jnp.asarray(logits)))
+  assert float(got) == pytest.approx(0.5 * (i2t + t2i), rel=1e-5)
+  square = clip_pretrain._info_nce(SimpleNamespace(logits_per_image=jnp.asarray(logits[:, :3])))
+  assert float(square) == pytest.approx(0.5 * (np.mean(lse(logits[:, :3], 1) - np.diag(logits[:, :3])) + t2i), rel=1e-5)
+
+
 LIGHT_INSTALL = "tensorflow,torch,tensorflow_datasets,diffusers"  # what the demo's light install lacks
 
 

@@ -41,7 +41,9 @@ def _compile(template: str) -> re.Pattern:
 
 
 @functools.lru_cache(maxsize=1)
-def _patterns() -> tuple[tuple[int, re.Pattern], ...]:
+def patterns() -> tuple[tuple[int, re.Pattern], ...]:
+  """(number of objects, regular expression with a group per slot) of each template, in the
+  order of `shapes.ONE + shapes.TWO`."""
   return tuple((1, _compile(t)) for t in shapes.ONE) + tuple((2, _compile(t)) for t in shapes.TWO)
 
 
@@ -50,7 +52,7 @@ def parses(caption: str) -> list[dict]:
   "side" | "relation"} with "relation" the first object's to the second's; [] if ungrammatical."""
   text = " ".join(caption.lower().split())
   out = []
-  for count, pattern in _patterns():
+  for count, pattern in patterns():
     m = pattern.fullmatch(text)
     if m is None:
       continue
