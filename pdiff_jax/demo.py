@@ -102,14 +102,13 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
     entries = json.load(f)["images"]
   attributes = shapes.attributes_of_source(f"karpathy:{dataset}")
 
-  stage("2/6 small CLIP, contrastive with an attribute head on both towers and hard negatives")
+  stage("2/6 small CLIP, contrastive with an attribute head")
   train_entries = [e for e in entries if e["split"] == "train"]
   clip_pretrain.train_small_clip(
       config.clip.model, [os.path.join(config.data.image_root, e["filepath"], e["filename"]) for e in train_entries],
       [[s["raw"] for s in e["sentences"]] for e in train_entries], shapes.vocabulary(),
       steps=plan["clip_steps"], seed=config.seed, projection_dim=config.model.feature_dim,
-      attributes=[attributes[e["imgid"]] for e in train_entries], text_head=True, hard_negatives=4,
-      progress=progress)
+      attributes=[attributes[e["imgid"]] for e in train_entries], progress=progress)
 
   stage("3/6 CLIP features (pdiff extract)")
   manifest_path = os.path.join(config.data.feature_dir, "manifest.json")

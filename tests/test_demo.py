@@ -85,6 +85,32 @@ def test_attribute_labels_and_loss_of_the_small_clip_head():
   assert loss == pytest.approx(np.log(2) + np.log(4) + np.log(4) + np.log(5) + np.log(3), rel=1e-6)
 
 
+def test_attribute_loss_is_the_mean_cross_entropy_of_each_group():
+  """Against numpy, slot by slot: each group's cross-entropy averaged over the labels that apply."""
+  import jax.numpy as jnp
+  from pdiff_jax import clip_pretrain
+  rng = np.random.default_rng(0)
+  labels = np.stack([clip_pretrain.attribute_labels(shapes.make_example(rng)[1]) for _ in range(16)])
+  layout = clip_pretrain._label_layout()
+  head = rng.normal(size=(8, sum(k for _, k in layout))) / 4
+  emb = rng.normal(size=(16, 8))
+  logits = 16.0 * emb @ head
+  bounds = np.cumsum([0] + [k for _, k in layout])
+  ncol = len(shapes.COLORS)
+  expected = 0.0
+  for group in ([0], [1], [2], range(3, 3 + ncol), range(3 + ncol, 3 + 2 * ncol)):
+    ces = []
+    for t in group:
+      part = logits[:, bounds[t]:bounds[t + 1]]
+      for b in range(16):
+        if labels[b, t] >= (1 if t >= 3 else 0):
+          ces.append(np.log(np.exp(part[b]).sum()) - part[b, labels[b, t]])
+    expected += np.mean(ces) if ces else 0.0
+  got = clip_pretrain._attribute_loss(jnp.asarray(head, jnp.float32), jnp.asarray(emb, jnp.float32),
+                                      jnp.asarray(labels))
+  assert float(got) == pytest.approx(expected, rel=1e-4)
+
+
 def test_caption_labels_are_the_image_labels_the_caption_states():
   """A true caption's labels agree with its image's wherever the caption states one, and state
   every colour's shape (class 0: no object of that colour); sizes only where it names them."""
