@@ -56,7 +56,7 @@ architecture (74% at 4,000 steps, 311 s; 4 layers took 255 s for 1,500).
 Binding, on both towers (2026-12-06; options `text_head` and `hard_negatives`, off in the demo):
 the head above teaches the image embedding each colour's shape, but the text tower is never
 asked for it, and CLIP picks an exactly right candidate for only 11% of the two-object images
-(21% of those that have one among their 10). With `text_head` the same head also reads the text
+(20% of those that have one among their 10). With `text_head` the same head also reads the text
 embedding (labels from the caption's own template reading, `caption_labels`, so a caption
 teaches what it states); with `hard_negatives=K` each caption brings K false twins of its
 phrasing, one slot changed or the two shapes exchanged (`false_twins`), as extra negatives for
@@ -75,7 +75,7 @@ twins": above every one of its twins, one object / two:
 The text head moves the image features most (shape 67% -> 78%: the two towers meet in one
 labelled space); with the twins as well, exchanged shapes are beaten 87% of the time instead of
 75%. The whole demo with both (`pdiff demo`, fresh clone): CLIP's pick of an exactly right
-candidate, where there is one, rose from 21% to 41% on two-object images, and shape from 72.0%
+candidate, where there is one, rose from 20% to 41% on two-object images, and shape from 72.0%
 to 86.4%, but colour fell from 89.4% to 65.8% (the 64-d embedding spends itself on shape and
 binding; most wrong captions now name a colour that is not there) and exactly right is level,
 44.0% against 44.8%, so the demo keeps the image head alone. The twins double the text batch:
