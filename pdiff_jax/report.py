@@ -132,6 +132,9 @@ def _plot_solvers(points: Sequence[dict]) -> str:
     line = [p for p in points if p["solver"] == name]
     ax.plot([p["steps"] for p in line], [100 * p[left] for p in line], "o-", label=name)
   ax.set_xscale("log")
+  steps = sorted({p["steps"] for p in points})
+  ax.set_xticks(steps, [str(st) for st in steps])  # the step counts, not powers of ten
+  ax.minorticks_off()
   ax.set_xlabel("steps")
   ax.set_ylabel(left if left == "CIDEr" else f"{left} (%)")
   ax.legend()
