@@ -242,6 +242,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   is trained with it (`attribute_weight` x `_attribute_loss` added to InfoNCE) and then dropped:
   the saved model is a plain CLIP."""
   from tqdm import tqdm
+  if (text_head or hard_negatives) and attributes is None:
+    raise ValueError("text_head and hard_negatives need `attributes` (the images' shapes truth)")
   if os.path.exists(os.path.join(out_dir, "config.json")):
     log.info("reusing the small CLIP in %s", out_dir)
     return out_dir

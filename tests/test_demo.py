@@ -163,6 +163,14 @@ def test_false_twins_are_sentences_of_the_grammar_and_false_of_the_image():
   assert "size" not in twins  # the phrasing names no size
 
 
+def test_binding_options_need_the_shapes_truth(tmp_path):
+  from pdiff_jax import clip_pretrain
+  for options in ({"text_head": True}, {"hard_negatives": 2}):
+    with pytest.raises(ValueError, match="need `attributes`"):
+      clip_pretrain.train_small_clip(str(tmp_path / "clip"), [], [], [], steps=1, **options)
+  assert not (tmp_path / "clip").exists()
+
+
 def test_info_nce_with_hard_negative_texts():
   """Texts past the first B are extra wrong answers for every image and no image's caption: the
   image-to-text term runs over all T texts, the text-to-image term over the B true ones."""
