@@ -189,11 +189,15 @@ def false_twins(caption: str, attrs: dict) -> dict[str, list[str]]:
   return {k: v for k, v in out.items() if v}
 
 
-def _attribute_loss(head: jax.Array, embeds: jax.Array, labels: jax.Array) -> jax.Array:
+def _attribute_loss(head: jax.Array, embeds: jax.Array, labels: jax.Array,
+                    presence: bool = False) -> jax.Array:
   """Sum over the groups count, side, relation, shape, size of the mean cross-entropy of the
   labels that apply (shape and size only of the colours present), from 16 x the normalised
   embedding (CLIP's output `image_embeds` or `text_embeds`) times `head`. Each group is one
-  cross-entropy over its slots (a colour's shape, ...), so the step has few small ops."""
+  cross-entropy over its slots (a colour's shape, ...), so the step has few small ops. With
+  `presence`, `head` has one more column per colour, and a last group adds the mean binary
+  cross-entropy of "an object of this colour is there" (its shape label is not 0) over all of
+  them."""
   logits = 16.0 * embeds @ head
   B, layout = labels.shape[0], _label_layout()
   ncol = (len(layout) - 3) // 2
@@ -208,6 +212,9 @@ def _attribute_loss(head: jax.Array, embeds: jax.Array, labels: jax.Array) -> ja
         logits[:, col:col + slots * classes].reshape(B, slots, classes), jnp.maximum(y, 0))
     total = total + jnp.sum(ce * ok) / jnp.maximum(ok.sum(), 1)
     col += slots * classes
+  if presence:
+    there = (labels[:, 3:3 + ncol] >= 1).astype(logits.dtype)
+    total = total + optax.sigmoid_binary_cross_entropy(logits[:, col:col + ncol], there).mean()
   return total
 
 
@@ -233,8 +240,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
                      layers: int = 2, heads: int = 4, projection_dim: int = 64, max_text_len: int = 16,
                      grayscale_prob: float = 0.5, warmup_steps: int = 50,
                      attributes: list[dict] | None = None, attribute_weight: float = 1.0,
-                     text_head: bool = False, hard_negatives: int = 0,
-                     progress: bool = True) -> str:
+                     text_head: bool = False, hard_negatives: int = 0, presence: bool = False,
+                     restyle_prob: float = 0.0, progress: bool = True) -> str:
   """Trains on (image, one of its captions) pairs for exactly `steps` steps (the same work on any
   machine) and saves to `out_dir` (kept if it exists).
 
@@ -242,8 +249,9 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   is trained with it (`attribute_weight` x `_attribute_loss` added to InfoNCE) and then dropped:
   the saved model is a plain CLIP."""
   from tqdm import tqdm
-  if (text_head or hard_negatives) and attributes is None:
-    raise ValueError("text_head and hard_negatives need `attributes` (the images' shapes truth)")
+  if (text_head or hard_negatives or presence or restyle_prob) and attributes is None:
+    raise ValueError("text_head, hard_negatives, presence and restyle_prob need `attributes` (the "
+                     "images' shapes truth)")
   if os.path.exists(os.path.join(out_dir, "config.json")):
     log.info("reusing the small CLIP in %s", out_dir)
     return out_dir
@@ -254,6 +262,10 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
                            max_text_len=max_text_len, seed=seed)
   clip = clip_lib.Clip.load(tmp, devices=jax.devices()[:1])
   pixels = np.stack([clip.transform(load_image(p)) for p in image_paths])
+  restyled = None
+  if restyle_prob:  # each image once more, drawn in another style (`shapes.restyle`)
+    style_rng = np.random.default_rng([seed, 2])
+    restyled = np.stack([clip.transform(shapes.restyle(a, style_rng)) for a in attributes])
   per_image = len(captions[0])
   ids, mask = clip.tokenize([c for caps in captions for c in caps])
   ids = ids.reshape(len(captions), per_image, -1)
@@ -267,7 +279,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   text_labels = np.zeros((len(pixels), per_image, 0), np.int32)
   if use_head:
     labels = np.stack([attribute_labels(a) for a in attributes])
-    params["head"] = jnp.zeros((projection_dim, sum(k for _, k in _label_layout())))
+    params["head"] = jnp.zeros((projection_dim, sum(k for _, k in _label_layout())
+                                + presence * len(shapes.COLORS)))
     if text_head:
       text_labels = np.stack([[caption_labels(c) for c in caps] for caps in captions])
   neg_ids = neg_mask = np.zeros((len(pixels), per_image, 0, ids.shape[-1]), np.int32)
@@ -293,10 +306,11 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
                      train=False)
     loss = _info_nce(out)
     if use_head:
-      loss = loss + attribute_weight * _attribute_loss(params["head"], out.image_embeds, labels)
+      loss = loss + attribute_weight * _attribute_loss(params["head"], out.image_embeds, labels,
+                                                          presence)
     if use_head and text_head:
       loss = loss + attribute_weight * _attribute_loss(
-          params["head"], out.text_embeds[:labels.shape[0]], text_labels)
+          params["head"], out.text_embeds[:labels.shape[0]], text_labels, presence)
     return loss
 
   @jax.jit
@@ -313,7 +327,11 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   for done in range(1, steps + 1):
     idx = rng.choice(len(pixels), size=min(batch_size, len(pixels)), replace=False)
     which = rng.integers(0, per_image, size=len(idx))
-    batch = random_grayscale(pixels[idx], grayscale_prob, clip.transform, rng)
+    batch = pixels[idx]
+    if restyled is not None:
+      swap = rng.random(len(idx)) < restyle_prob
+      batch = np.where(swap[:, None, None, None], restyled[idx], batch)
+    batch = random_grayscale(batch, grayscale_prob, clip.transform, rng)
     text_ids, text_mask = ids[idx, which], mask[idx, which]
     if hard_negatives:
       k = rng.integers(0, hard_negatives, size=len(idx))

@@ -40,6 +40,27 @@ def test_the_object_is_where_the_caption_says(tmp_path):
   assert len(shapes.ONE) >= 12 and len(shapes.TWO) >= 12
 
 
+def test_a_restyled_image_draws_the_same_objects_in_the_same_places():
+  """`shapes.restyle` keeps what the captions say: each object's colour is at its centre, the
+  image is another one (background, radius, outline), and the same rng state draws it again."""
+  rng = np.random.default_rng(1)
+  outlined = 0
+  for _ in range(50):
+    image, attrs = shapes.make_example(rng)
+    state = rng.bit_generator.state
+    styled = np.asarray(shapes.restyle(attrs, rng)).astype(int)
+    rng.bit_generator.state = state
+    np.testing.assert_array_equal(np.asarray(shapes.restyle(attrs, rng)), styled)
+    assert styled.shape == (64, 64, 3) and not np.array_equal(styled, np.asarray(image))
+    for o in attrs["objects"]:
+      colour = np.array(shapes.COLORS[o["color"]])
+      assert np.abs(styled[int(o["y"]), int(o["x"])] - colour).max() <= 25
+      # outlined: somewhere on the row through the centre a much darker shade of the colour
+      row = styled[int(o["y"]), max(0, int(o["x"]) - 16):int(o["x"]) + 17]
+      outlined += bool((np.abs(row - colour * 0.45).max(-1) < 0.27 * colour.max()).any())
+  assert 20 < outlined < 55  # about half of the ~75 objects (36 with this seed)
+
+
 def test_random_grayscale_gives_pil_luminance(clip_dir):
   from pdiff_jax import clip as clip_lib
   from pdiff_jax.clip_pretrain import random_grayscale
@@ -83,6 +104,10 @@ def test_attribute_labels_and_loss_of_the_small_clip_head():
   loss = float(clip_pretrain._attribute_loss(jnp.zeros((8, k)), emb, labels))
   # count (2 classes), side (4, one image), relation (4, one), shape (5), size (3)
   assert loss == pytest.approx(np.log(2) + np.log(4) + np.log(4) + np.log(5) + np.log(3), rel=1e-6)
+  # with presence: one more binary cross-entropy, log 2 at zero logits
+  ncol = len(shapes.COLORS)
+  loss = float(clip_pretrain._attribute_loss(jnp.zeros((8, k + ncol)), emb, labels, presence=True))
+  assert loss == pytest.approx(np.log(2) + np.log(4) + np.log(4) + np.log(5) + np.log(3) + np.log(2), rel=1e-6)
 
 
 def test_attribute_loss_is_the_mean_cross_entropy_of_each_group():
@@ -90,7 +115,8 @@ def test_attribute_loss_is_the_mean_cross_entropy_of_each_group():
   import jax.numpy as jnp
   from pdiff_jax import clip_pretrain
   rng = np.random.default_rng(0)
-  labels = np.stack([clip_pretrain.attribute_labels(shapes.make_example(rng)[1]) for _ in range(16)])
+  attrs = [shapes.make_example(rng)[1] for _ in range(16)]
+  labels = np.stack([clip_pretrain.attribute_labels(a) for a in attrs])
   layout = clip_pretrain._label_layout()
   head = rng.normal(size=(8, sum(k for _, k in layout))) / 4
   emb = rng.normal(size=(16, 8))
@@ -109,6 +135,15 @@ def test_attribute_loss_is_the_mean_cross_entropy_of_each_group():
   got = clip_pretrain._attribute_loss(jnp.asarray(head, jnp.float32), jnp.asarray(emb, jnp.float32),
                                       jnp.asarray(labels))
   assert float(got) == pytest.approx(expected, rel=1e-4)
+  # presence: one logit per colour after the groups, "an object of this colour is there"
+  extra = rng.normal(size=(8, ncol)) / 4
+  z = 16.0 * emb @ extra
+  there = np.array([[any(o["color"] == c for o in a["objects"]) for c in shapes.COLORS]
+                    for a in attrs])
+  bce = np.mean(np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0) - z * there)
+  got = clip_pretrain._attribute_loss(jnp.asarray(np.concatenate([head, extra], 1), jnp.float32),
+                                      jnp.asarray(emb, jnp.float32), jnp.asarray(labels), presence=True)
+  assert float(got) == pytest.approx(expected + bce, rel=1e-4)
 
 
 def test_caption_labels_are_the_image_labels_the_caption_states():
@@ -165,7 +200,7 @@ def test_false_twins_are_sentences_of_the_grammar_and_false_of_the_image():
 
 def test_binding_options_need_the_shapes_truth(tmp_path):
   from pdiff_jax import clip_pretrain
-  for options in ({"text_head": True}, {"hard_negatives": 2}):
+  for options in ({"text_head": True}, {"hard_negatives": 2}, {"presence": True}, {"restyle_prob": 0.5}):
     with pytest.raises(ValueError, match="need `attributes`"):
       clip_pretrain.train_small_clip(str(tmp_path / "clip"), [], [], [], steps=1, **options)
   assert not (tmp_path / "clip").exists()

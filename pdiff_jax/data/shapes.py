@@ -59,15 +59,17 @@ TWO = (
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill,
+          outline=None, width: int = 1) -> None:
+  kw = {"fill": fill, "outline": outline, "width": width} if outline is not None else {"fill": fill}
   if shape == "circle":
-    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], **kw)
   elif shape == "square":
-    draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
+    draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], **kw)
   elif shape == "triangle":
-    draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], **kw)
   else:  # diamond
-    draw.polygon([(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)], fill=fill)
+    draw.polygon([(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)], **kw)
 
 
 def _side(cx: float, cy: float) -> str:
@@ -108,6 +110,52 @@ def make_example(rng: np.random.Generator) -> tuple[Image.Image, dict]:
     _draw(draw, shape, cx, cy, r, fill)
     objects.append({"color": str(color), "shape": shape, "size": size, "x": float(cx), "y": float(cy)})
   return image, where(objects)
+
+
+def _restyled_background(rng: np.random.Generator) -> Image.Image:
+  """A light background of one of four kinds: a gradient at any angle, strong pixel noise, a few
+  straight lines or scattered dots (each in light colours, so every object colour stands out)."""
+  yy, xx = np.mgrid[:SIZE, :SIZE] / SIZE
+  base = rng.integers(175, 250, 3).astype(np.float64)
+  kind = int(rng.integers(4))
+  if kind == 0:
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None] * rng.uniform(-60, 60, 3)
+    bg = base + ramp + rng.normal(0, 4, (SIZE, SIZE, 3))
+  else:
+    bg = base + rng.normal(0, 18 if kind == 1 else 4, (SIZE, SIZE, 3))
+  image = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+  draw = ImageDraw.Draw(image)
+  light = lambda: tuple(int(v) for v in rng.integers(160, 256, 3))
+  if kind == 2:
+    for _ in range(int(rng.integers(2, 7))):
+      ends = rng.uniform(-8, SIZE + 8, 4)
+      draw.line([(ends[0], ends[1]), (ends[2], ends[3])], fill=light(), width=int(rng.integers(1, 4)))
+  elif kind == 3:
+    for _ in range(int(rng.integers(8, 30))):
+      x, y, r = rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(0.8, 2.5)
+      draw.ellipse([x - r, y - r, x + r, y + r], fill=light())
+  return image
+
+
+def restyle(attrs: dict, rng: np.random.Generator) -> Image.Image:
+  """The same objects (colour, shape, size class and centre, hence the same captions) drawn in
+  another style: another light background (`_restyled_background`), each radius drawn again
+  within a somewhat wider range of its size class, and half the objects outlined in a darker
+  shade. The small CLIP's augmentation, so that it learns what is drawn rather than how."""
+  image = _restyled_background(rng)
+  draw = ImageDraw.Draw(image)
+  objs = attrs["objects"]
+  small, big = ((4.5, 7.5), (8.5, 12.5)) if len(objs) == 2 else ((5, 9), (10.5, 15))
+  for o in objs:
+    r = rng.uniform(*(small if o["size"] == "small" else big))
+    fill = np.clip(np.array(COLORS[o["color"]]) + rng.integers(-25, 26, 3), 0, 255)
+    outline = None
+    if rng.random() < 0.5:
+      outline = tuple(int(v) for v in fill * rng.uniform(0.2, 0.7))
+    _draw(draw, o["shape"], o["x"], o["y"], r, tuple(int(v) for v in fill), outline,
+          int(rng.integers(1, 3)))
+  return image
 
 
 def relation(a: dict, b: dict) -> str:
