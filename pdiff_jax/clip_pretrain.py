@@ -241,7 +241,7 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
                      grayscale_prob: float = 0.5, warmup_steps: int = 50,
                      attributes: list[dict] | None = None, attribute_weight: float = 1.0,
                      text_head: bool = False, hard_negatives: int = 0, presence: bool = False,
-                     restyle_prob: float = 0.0, progress: bool = True) -> str:
+                     restyle_prob: float = 0.0, init_from: str | None = None, progress: bool = True) -> str:
   """Trains on (image, one of its captions) pairs for exactly `steps` steps (the same work on any
   machine) and saves to `out_dir` (kept if it exists).
 
@@ -257,9 +257,12 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
     return out_dir
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
-  clip_lib.save_small_clip(tmp, words=words, image_size=image_size, patch_size=patch_size,
-                           width=width, layers=layers, heads=heads, projection_dim=projection_dim,
-                           max_text_len=max_text_len, seed=seed)
+  if init_from:  # go on from a saved small CLIP (its architecture, tokenizer and weights)
+    shutil.copytree(init_from, tmp)
+  else:
+    clip_lib.save_small_clip(tmp, words=words, image_size=image_size, patch_size=patch_size,
+                             width=width, layers=layers, heads=heads, projection_dim=projection_dim,
+                             max_text_len=max_text_len, seed=seed)
   clip = clip_lib.Clip.load(tmp, devices=jax.devices()[:1])
   pixels = np.stack([clip.transform(load_image(p)) for p in image_paths])
   restyled = None
@@ -279,7 +282,7 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   text_labels = np.zeros((len(pixels), per_image, 0), np.int32)
   if use_head:
     labels = np.stack([attribute_labels(a) for a in attributes])
-    params["head"] = jnp.zeros((projection_dim, sum(k for _, k in _label_layout())
+    params["head"] = jnp.zeros((clip.model.config.projection_dim, sum(k for _, k in _label_layout())
                                 + presence * len(shapes.COLORS)))
     if text_head:
       text_labels = np.stack([[caption_labels(c) for c in caps] for caps in captions])
