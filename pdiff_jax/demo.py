@@ -112,7 +112,8 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
       config.clip.model, [os.path.join(config.data.image_root, e["filepath"], e["filename"]) for e in train_entries],
       [[s["raw"] for s in e["sentences"]] for e in train_entries], shapes.vocabulary(),
       steps=plan["clip_steps"], seed=config.seed, projection_dim=config.model.feature_dim,
-      attributes=[attributes[e["imgid"]] for e in train_entries], progress=progress, **CLIP_RECIPE)
+      attributes=[attributes[e["imgid"]] for e in train_entries], steps_per_dispatch=4,
+      progress=progress, **CLIP_RECIPE)
 
   stage("3/6 CLIP features (pdiff extract)")
   manifest_path = os.path.join(config.data.feature_dir, "manifest.json")
