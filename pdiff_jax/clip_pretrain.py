@@ -285,6 +285,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   if (text_head or hard_negatives or presence or restyle_prob) and attributes is None:
     raise ValueError("text_head, hard_negatives, presence and restyle_prob need `attributes` (the "
                      "images' shapes truth)")
+  if steps_per_dispatch < 1:
+    raise ValueError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
   if os.path.exists(os.path.join(out_dir, "config.json")):
     log.info("reusing the small CLIP in %s", out_dir)
     return out_dir

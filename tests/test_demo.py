@@ -203,6 +203,8 @@ def test_binding_options_need_the_shapes_truth(tmp_path):
   for options in ({"text_head": True}, {"hard_negatives": 2}, {"presence": True}, {"restyle_prob": 0.5}):
     with pytest.raises(ValueError, match="need `attributes`"):
       clip_pretrain.train_small_clip(str(tmp_path / "clip"), [], [], [], steps=1, **options)
+  with pytest.raises(ValueError, match="steps_per_dispatch"):
+    clip_pretrain.train_small_clip(str(tmp_path / "clip"), [], [], [], steps=1, steps_per_dispatch=0)
   assert not (tmp_path / "clip").exists()
 
 
@@ -222,43 +224,30 @@ def _tiny_shapes_set(tmp_path, count=12):
   return paths, captions, attrs
 
 
-def test_train_small_clip_goes_on_from_a_saved_clip_with_every_option(tmp_path):
-  """`init_from` keeps the saved CLIP's architecture and tokenizer and starts from its weights;
-  a few steps with every option (head on both towers, presence, twins, restyled images) move
-  them, and the result loads as a plain CLIP."""
+def test_train_small_clip_from_a_saved_clip_k_steps_per_dispatch_equal_single_steps(tmp_path):
+  """`init_from` keeps the saved CLIP's architecture and tokenizer and starts from its weights; a
+  few steps with every option (head on both towers, presence, twins, restyled images) move them,
+  the result loads as a plain CLIP, and four steps in one dispatch (a scan) give the weights of
+  four dispatches of one step."""
   import jax
   from pdiff_jax import clip as clip_lib
   from pdiff_jax import clip_pretrain
   paths, captions, attrs = _tiny_shapes_set(tmp_path)
   init = clip_lib.save_small_clip(tmp_path / "init", words=shapes.vocabulary(), **TINY_CLIP)
-  out = clip_pretrain.train_small_clip(
-      str(tmp_path / "out"), paths, captions, shapes.vocabulary(), steps=3, batch_size=8,
+  out = {k: clip_pretrain.train_small_clip(
+      str(tmp_path / f"k{k}"), paths, captions, shapes.vocabulary(), steps=4, batch_size=8,
       attributes=attrs, text_head=True, hard_negatives=2, presence=True, restyle_prob=0.5,
-      init_from=init, width=999, progress=False)
-  before, after = clip_lib.Clip.load(init), clip_lib.Clip.load(out)
-  assert json.load(open(os.path.join(out, "config.json"))) == json.load(open(os.path.join(init, "config.json")))
+      init_from=init, width=999, steps_per_dispatch=k, progress=False) for k in (1, 4)}
+  before, after = clip_lib.Clip.load(init), clip_lib.Clip.load(out[1])
+  assert json.load(open(os.path.join(out[1], "config.json"))) == json.load(open(os.path.join(init, "config.json")))
   caption = "a red circle left of a blue square"
   np.testing.assert_array_equal(after.tokenize([caption])[0], before.tokenize([caption])[0])
   moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                  before.params, after.params)
   assert max(jax.tree_util.tree_leaves(moved)) > 0
   assert after.encode_images(np.stack([after.transform(Image.open(p)) for p in paths[:2]])).shape == (2, 16)
-
-
-def test_small_clip_steps_per_dispatch_equal_single_steps(tmp_path):
-  """Four steps in one dispatch (a scan) give the weights of four dispatches of one step."""
-  import jax
-  from pdiff_jax import clip as clip_lib
-  from pdiff_jax import clip_pretrain
-  paths, captions, attrs = _tiny_shapes_set(tmp_path)
-  got = {}
-  for k in (1, 4):
-    out = clip_pretrain.train_small_clip(
-        str(tmp_path / f"k{k}"), paths, captions, shapes.vocabulary(), steps=4, batch_size=8,
-        attributes=attrs, text_head=True, hard_negatives=2, presence=True, restyle_prob=0.5,
-        steps_per_dispatch=k, progress=False, **TINY_CLIP)
-    got[k] = jax.tree_util.tree_leaves(clip_lib.Clip.load(out).params)
-  for a, b in zip(got[1], got[4]):
+  for a, b in zip(jax.tree_util.tree_leaves(after.params),
+                  jax.tree_util.tree_leaves(clip_lib.Clip.load(out[4]).params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
