@@ -122,6 +122,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pdiff_jax import clip as clip_lib
 from pdiff_jax.data import shapes
@@ -337,7 +338,9 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
     neg_ids, neg_mask = clip.tokenize(twins)
     neg_ids = neg_ids.reshape(len(captions), per_image, hard_negatives, -1)
     neg_mask = neg_mask.reshape(len(captions), per_image, hard_negatives, -1)
-  opt_state = tx.init(params)
+  # The whole state placed as CLIP's params are: a head or optimizer count left uncommitted would
+  # come back from the first step placed otherwise, and the step would compile a second time.
+  params, opt_state = jax.device_put((params, tx.init(params)), NamedSharding(clip.mesh, P()))
 
   def loss_fn(params, pix, ids, mask, labels, text_labels):
     out = clip.model(input_ids=ids, pixel_values=pix, attention_mask=mask, params=params["clip"],

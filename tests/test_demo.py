@@ -228,16 +228,30 @@ def test_train_small_clip_from_a_saved_clip_k_steps_per_dispatch_equal_single_st
   """`init_from` keeps the saved CLIP's architecture and tokenizer and starts from its weights; a
   few steps with every option (head on both towers, presence, twins, restyled images) move them,
   the result loads as a plain CLIP, and four steps in one dispatch (a scan) give the weights of
-  four dispatches of one step."""
+  four dispatches of one step. Each compiles its step once (the state is placed before the first
+  step, so the second finds the same program)."""
+  import logging
   import jax
   from pdiff_jax import clip as clip_lib
   from pdiff_jax import clip_pretrain
   paths, captions, attrs = _tiny_shapes_set(tmp_path)
   init = clip_lib.save_small_clip(tmp_path / "init", words=shapes.vocabulary(), **TINY_CLIP)
-  out = {k: clip_pretrain.train_small_clip(
-      str(tmp_path / f"k{k}"), paths, captions, shapes.vocabulary(), steps=4, batch_size=8,
-      attributes=attrs, text_head=True, hard_negatives=2, presence=True, restyle_prob=0.5,
-      init_from=init, width=999, steps_per_dispatch=k, progress=False) for k in (1, 4)}
+  compiled = []
+  handler = logging.Handler()
+  handler.emit = lambda record: compiled.append(record.getMessage().startswith("Compiling jit(steps_of)"))
+  logging.getLogger("jax").addHandler(handler)
+  out = {}
+  try:
+    for k in (1, 4):
+      with jax.log_compiles(True):
+        out[k] = clip_pretrain.train_small_clip(
+            str(tmp_path / f"k{k}"), paths, captions, shapes.vocabulary(), steps=4, batch_size=8,
+            attributes=attrs, text_head=True, hard_negatives=2, presence=True, restyle_prob=0.5,
+            init_from=init, width=999, steps_per_dispatch=k, progress=False)
+      assert sum(compiled) == 1, f"steps_per_dispatch={k}: the step compiled {sum(compiled)} times"
+      compiled.clear()
+  finally:
+    logging.getLogger("jax").removeHandler(handler)
   before, after = clip_lib.Clip.load(init), clip_lib.Clip.load(out[1])
   assert json.load(open(os.path.join(out[1], "config.json"))) == json.load(open(os.path.join(init, "config.json")))
   caption = "a red circle left of a blue square"
