@@ -170,6 +170,8 @@ class Clip:
            image_chunk: int = IMAGE_CHUNK, text_chunk: int = TEXT_CHUNK) -> "Clip":
     """`name`: a hub name, a local `save_pretrained` directory, or one on gs:// (copied once
     to a local cache: transformers reads local files only). `self.name` stays as given."""
+    from flax.core import unfreeze
+    from flax.traverse_util import flatten_dict
     from transformers import AutoTokenizer, CLIPImageProcessor, FlaxCLIPModel
     given = name
     if storage.is_remote(name):
@@ -184,13 +186,22 @@ class Clip:
                            "model.safetensors.index.json")):
           raise ClipLoadError(f"CLIP {name!r}: no Flax or PyTorch weights in the directory")
         model = FlaxCLIPModel.from_pretrained(name, from_pt=True, dtype=dtype, **kwargs)
+        params = model.params
       else:
         try:
-          model = FlaxCLIPModel.from_pretrained(name, dtype=dtype, **kwargs)
+          # Without _do_init=False, transformers first draws a whole random model op by op (9 s
+          # for the demo's tiny CLIP on this CPU; ViT-L/14's 428M parameters) and then drops it.
+          model, params = FlaxCLIPModel.from_pretrained(name, dtype=dtype, _do_init=False, **kwargs)
         except OSError as e:
           if local or "flax_model.msgpack" not in str(e):
             raise
           model = FlaxCLIPModel.from_pretrained(name, from_pt=True, dtype=dtype)
+          params = model.params
+      missing = sorted("/".join(k) for k in set(flatten_dict(unfreeze(model.params_shape_tree)))
+                       - set(flatten_dict(unfreeze(params))))
+      if missing:
+        raise ClipLoadError(f"CLIP {name!r}: its weights lack {len(missing)} of the model's "
+                            f"parameters, first {missing[0]}")
       tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
       processor = CLIPImageProcessor.from_pretrained(name, **kwargs)
     except ClipLoadError:
@@ -199,7 +210,7 @@ class Clip:
       where = "directory" if local else "hub name (not in the local Hugging Face cache, and the hub is unreachable?)"
       raise ClipLoadError(f"cannot load CLIP {name!r} as a {where}: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return cls(given, model, model.params, tokenizer, ImageTransform.from_processor(processor),
+    return cls(given, model, params, tokenizer, ImageTransform.from_processor(processor),
                devices, image_chunk, text_chunk)
 
   @property

@@ -1,6 +1,7 @@
 """CLIP loading (Flax and PyTorch weights, by path), preprocessing and sharded encoders."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -115,6 +116,23 @@ def test_pytorch_weights_load_with_from_pt(tmp_path):
     ref_t = torch_model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)),
                                           attention_mask=torch.from_numpy(mask.astype(np.int64))).numpy()
   np.testing.assert_allclose(flax_clip.encode_texts(["a red circle"]), ref_t, rtol=1e-4, atol=1e-4)
+
+
+def test_load_reads_the_saved_weights_and_refuses_missing_ones(tmp_path, clip_dir):
+  """Loaded without transformers' random init (`_do_init=False`): the weights are the file's,
+  exactly, and a file that lacks one gets a one-line error naming it instead of a random one."""
+  from transformers import FlaxCLIPModel
+  ref = FlaxCLIPModel.from_pretrained(clip_dir)
+  loaded = clip_lib.Clip.load(clip_dir).params
+  assert jax.tree.structure(loaded) == jax.tree.structure(ref.params)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ref.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  params = jax.device_get(ref.params)
+  del params["text_projection"]
+  shutil.copytree(clip_dir, tmp_path / "partial")
+  ref.save_pretrained(tmp_path / "partial", params=params)
+  with pytest.raises(clip_lib.ClipLoadError, match="lack 1 of the model's parameters, first text_projection/kernel"):
+    clip_lib.Clip.load(str(tmp_path / "partial"))
 
 
 def test_load_errors_are_one_line(tmp_path):
