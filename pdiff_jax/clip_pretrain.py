@@ -410,8 +410,12 @@ def feature_probe(train_features: np.ndarray, train_attrs: list[dict], test_feat
                   test_attrs: list[dict], ridge: float = 1.0) -> dict:
   """What a CLIP's image embeddings say about the shapes data: test accuracy of ridge-regression
   probes (on the standardised features and their squares) trained on the train split, for the
-  number of objects, the side of a single object, the relation of two, and the shape and size of
-  the object of each colour (averaged over colours). Chance: 50%, 25%, 25%, 25%, 50%."""
+  number of objects, the side of a single object, the relation of two (of the object whose
+  colour comes first in shapes.COLORS to the other, as the attribute head's; before 2026-12-06
+  it was in the order they were drawn, which no image shows, so at most about 50%), the shape and size of
+  the object of each colour (averaged over colours), and that shape again on the two-object
+  images alone ("shape_of_two": each object's shape, read through its colour, where another
+  object is there too). Chance: 50%, 25%, 25%, 25%, 50%, 25%."""
   mean, std = train_features.mean(0), train_features.std(0) + 1e-6
   def design(f):
     z = (np.asarray(f, np.float64) - mean) / std
@@ -429,10 +433,15 @@ def feature_probe(train_features: np.ndarray, train_attrs: list[dict], test_feat
 
   def of_colour(key, values, colour):
     return lambda a: next((values.index(o[key]) for o in a["objects"] if o["color"] == colour), -1)
+
+  def of_two(label):
+    return lambda a: label(a) if len(a["objects"]) == 2 else -1
   return {
       "count": accuracy(lambda a: len(a["objects"]) - 1),
       "side": accuracy(lambda a: shapes.SIDES.index(a["side"]) if "side" in a else -1),
-      "relation": accuracy(lambda a: list(shapes.INVERSE).index(a["relation"]) if "relation" in a else -1),
+      "relation": accuracy(lambda a: int(attribute_labels(a)[2])),
       "shape": float(np.mean([accuracy(of_colour("shape", shapes.SHAPES, c)) for c in shapes.COLORS])),
       "size": float(np.mean([accuracy(of_colour("size", shapes.SIZES, c)) for c in shapes.COLORS])),
+      "shape_of_two": float(np.mean([accuracy(of_two(of_colour("shape", shapes.SHAPES, c)))
+                                     for c in shapes.COLORS])),
   }

@@ -146,6 +146,25 @@ def test_attribute_loss_is_the_mean_cross_entropy_of_each_group():
   assert float(got) == pytest.approx(expected + bce, rel=1e-4)
 
 
+def test_feature_probe_reads_what_the_features_hold():
+  """Features that are the attribute head's labels, one-hot, give every probe 100%; the same with
+  the shapes scrambled keep all but the shape probes, which fall to about chance (25%)."""
+  from pdiff_jax import clip_pretrain
+  rng = np.random.default_rng(0)
+  attrs = [shapes.make_example(rng)[1] for _ in range(700)]
+  labels = np.stack([clip_pretrain.attribute_labels(a) for a in attrs])
+  onehot = lambda y: np.concatenate([np.eye(y[:, j].max() + 2)[y[:, j] + 1] for j in range(y.shape[1])], 1)
+  ncol = len(shapes.COLORS)
+  probe = lambda f: clip_pretrain.feature_probe(f[:500], attrs[:500], f[500:], attrs[500:])
+  full = probe(onehot(labels) + 0.01 * rng.standard_normal((700, onehot(labels).shape[1])))
+  assert full == pytest.approx({k: 1.0 for k in ("count", "side", "relation", "shape", "size", "shape_of_two")})
+  scrambled = labels.copy()
+  scrambled[:, 3:3 + ncol] = np.where(labels[:, 3:3 + ncol] > 0, rng.integers(1, 5, (700, ncol)), 0)
+  blind = probe(onehot(scrambled) + 0.01 * rng.standard_normal((700, onehot(labels).shape[1])))
+  assert blind["count"] == blind["side"] == blind["relation"] == blind["size"] == 1.0
+  assert blind["shape"] < 0.4 and blind["shape_of_two"] < 0.4
+
+
 def test_caption_labels_are_the_image_labels_the_caption_states():
   """A true caption's labels agree with its image's wherever the caption states one, and state
   every colour's shape (class 0: no object of that colour); sizes only where it names them."""
