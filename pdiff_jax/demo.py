@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # A fixed amount of work per stage (steps, never seconds), so that the figures are the same on
 # any machine and a change can be measured against them.
-FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 3000, "train_steps": None}
+FULL = {"sizes": {"train": 8000, "val": 500, "test": 500}, "clip_steps": 4000, "train_steps": None}
 FAST = {"sizes": {"train": 480, "val": 24, "test": 32}, "clip_steps": 40, "train_steps": 80}
 # How the small CLIP learns (`clip_pretrain.train_small_clip`, whose docstring has the
 # measurements): InfoNCE with an attribute head on both towers that also learns which colours are
