@@ -32,7 +32,7 @@ FAST = {"sizes": {"train": 480, "val": 24, "test": 32}, "clip_steps": 40, "train
 # measurements): InfoNCE with an attribute head on both towers that also learns which colours are
 # there, four hard-negative twins per caption, and half the images drawn in another style; 16
 # attention heads of 4 dimensions rather than 4 of 16, so that the class token can gather two
-# objects apart (the same cost here).
+# objects apart (a step 1.3x dearer on the 2-core CPU; BENCHMARKS.md).
 CLIP_RECIPE = {"heads": 16, "text_head": True, "hard_negatives": 4, "presence": True,
                "restyle_prob": 0.5}
 # Keys of demo_summary.json that depend on the machine and its load; everything else is a
