@@ -63,19 +63,18 @@ def mark_exact(entries: Sequence[dict], attributes: Sequence[dict]) -> dict:
                              [[c["caption"] for c in e["candidates"]] for e in entries], attributes)
 
 
-def _cider_div2(entries: Sequence[dict]) -> dict:
-  """The two numbers the sweep plots, without the cost of the full metric set."""
-  refs = {i: list(e["references"]) for i, e in enumerate(entries)}
-  cider = coco.cider({i: e["caption"] for i, e in enumerate(entries)}, refs)
-  return {"CIDEr": cider, "Div-2": diversity.div_n([[c["caption"] for c in e["candidates"]]
-                                                   for e in entries], 2)}
+def _cider_div2(entries: Sequence[dict], cider) -> dict:
+  """The two numbers the sweep plots, without the cost of the full metric set (`cider`: a
+  `coco.cider_against` the entries' references)."""
+  return {"CIDEr": cider({i: e["caption"] for i, e in enumerate(entries)}),
+          "Div-2": diversity.div_n([[c["caption"] for c in e["candidates"]] for e in entries], 2)}
 
 
-def _guidance_point(entries: Sequence[dict], clip, image_emb: np.ndarray | None,
+def _guidance_point(entries: Sequence[dict], cider, clip, image_emb: np.ndarray | None,
                     attributes: Sequence[dict] | None) -> dict:
   """What the guidance sweep plots: CIDEr, Div-2, mBLEU-4, CLIP-S (with a CLIP) and, on the
   shapes, exactly_right; without the cost of the full metric set."""
-  out = _cider_div2(entries)
+  out = _cider_div2(entries, cider)
   out["mBLEU-4"] = diversity.mbleu4([[c["caption"] for c in e["candidates"]] for e in entries])
   if clip is not None and image_emb is not None:
     cap = clip.encode_texts([clipscore.PREFIX + e["caption"] for e in entries])
@@ -220,10 +219,12 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
 
   sweeps = {}
   if sweep:
+    refs = {i: list(e["references"]) for i, e in enumerate(entries)}
+    cider = coco.cider_against(refs) if lead else None  # the references tokenised once
     sweeps["candidates"] = []
     for k in SWEEP_CANDIDATES:
       sub = [{**e, **r} for e, r in zip(entries, rank_candidates(captions, scores, k))]
-      sweeps["candidates"].append({"n": k, **(_cider_div2(sub) if lead else {})})
+      sweeps["candidates"].append({"n": k, **(_cider_div2(sub, cider) if lead else {})})
     attrs = [truth[e["image_id"]] for e in entries] if truth is not None else None
 
     def point(cs, sc) -> dict:  # CIDEr and Div-2, and exactly_right on the shapes
@@ -232,7 +233,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
         return {}
       right = {} if attrs is None else {"exactly_right": exact.shapes_scores(
           [e["caption"] for e in sub], None, attrs)["exactly_right"]}
-      return {**_cider_div2(sub), **right}
+      return {**_cider_div2(sub, cider), **right}
 
     sweeps["steps"], sweeps["solvers"] = [], []
     for st in sorted({x for x in SWEEP_STEPS if x <= max(steps, 20)} | {steps}):
@@ -251,7 +252,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
         cs, sc = sample_split(captioner, features, rerank_emb, n, steps, seed, eta, progress,
                               **{**opts, "guidance": g})
         sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
-        point = _guidance_point(sub, eval_clip, embeddings(eval_clip), attrs) if lead else {}
+        point = _guidance_point(sub, cider, eval_clip, embeddings(eval_clip), attrs) if lead else {}
         sweeps["guidance"].append({"guidance": g, **point})
     metrics["sweep"] = sweeps
   metrics["seconds"] = time.perf_counter() - t0

@@ -104,6 +104,13 @@ def test_coco_scores_equal_the_scorers_by_hand():
   assert ours["ROUGE-L"] == pytest.approx(Rouge().compute_score(gts, res)[0], rel=1e-12)
   assert ours["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
   assert ours["SPICE"] is None and "CoreNLP" in ours["SPICE_unavailable_reason"]
+  # CIDEr alone, of two sets of candidates against references tokenised once (an eval sweep's)
+  score = coco.cider_against(REFS)
+  other = {k: CANDS[j] for k, j in zip(CANDS, reversed(list(CANDS)))}
+  res_other = tok.tokenize({k: [{"caption": c}] for k, c in other.items()})
+  assert score(CANDS) == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
+  assert score(other) == pytest.approx(Cider().compute_score(gts, res_other)[0], rel=1e-12)
+  assert score(other) != score(CANDS) and coco.cider(other, REFS) == score(other)
 
 
 def _snapshot(root):
