@@ -35,9 +35,26 @@ FAST = {"sizes": {"train": 480, "val": 24, "test": 32}, "clip_steps": 40, "train
 # objects apart (a step 1.3x dearer on the 2-core CPU; BENCHMARKS.md).
 CLIP_RECIPE = {"heads": 16, "text_head": True, "hard_negatives": 4, "presence": True,
                "restyle_prob": 0.5}
+# `pdiff demo` splits the CPU into this many JAX devices (unless XLA_FLAGS or JAX_NUM_CPU_DEVICES
+# set a count): one layout, so one set of figures, on any CPU, and the small CLIP, which trains
+# data-parallel over them, takes a step ~12% faster on 2 cores than on one device (BENCHMARKS.md).
+CPU_DEVICES = 2
 # Keys of demo_summary.json that depend on the machine and its load; everything else is a
 # function of the code and the seed (tests/test_demo.py runs the fast demo twice to check it).
 TIMING_KEYS = ("seconds", "stage_seconds", "machine")
+
+
+def use_cpu_devices() -> None:
+  """Sets `CPU_DEVICES` CPU devices for this process, before JAX starts its backends (the
+  count cannot change after), unless the environment chose a count."""
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") \
+      or "JAX_NUM_CPU_DEVICES" in os.environ:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
+  except RuntimeError:  # JAX already runs in this process: its count stays, so may the figures
+    log.warning("JAX has started: the demo runs on its %d CPU device(s), not %d, and its figures "
+                "may differ from the README's", jax.local_device_count(), CPU_DEVICES)
 
 
 def demo_config(base, workdir: str, fast: bool):
