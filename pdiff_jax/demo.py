@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from pdiff_jax import clip as clip_lib
-from pdiff_jax import clip_pretrain, evaluate, report, storage, train
+from pdiff_jax import bench, clip_pretrain, evaluate, report, storage, train
 from pdiff_jax.data import features, shapes
 from pdiff_jax.inference import rank_candidates
 from pdiff_jax.metrics import coco, diversity, exact
@@ -114,6 +114,9 @@ def run_demo(base_config, workdir: str, fast: bool = False, progress: bool = Tru
 
 def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   t0 = time.perf_counter()
+  # This CPU's speed varies within a day (BENCHMARKS.md), so the times are only comparable with
+  # the matmul rate they ran at: measured before and after.
+  speed = [bench.matmul_rate() / 1e12]
   plan = FAST if fast else FULL
   os.makedirs(workdir, exist_ok=True)
   config = demo_config(base_config, workdir, fast)
@@ -182,12 +185,14 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   report.write_report(os.path.join(workdir, "report.html"), "pdiff demo: Prefix-diffusion on captioned shapes",
                       metrics, entries, preface=_report_preface(variants, n, steps))
   stage(None)
+  speed.append(bench.matmul_rate() / 1e12)
   summary = {"variants": variants, "ref_Div-2": ref_div2, "clip_probe": probe,
              "num_test_images": len(entries), "num_candidates": n, "sample_steps": steps,
              "fast": fast, "eval_metrics": {k: metrics.get(k) for k in evaluate.TABLE_KEYS},
              "seconds": time.perf_counter() - t0, "stage_seconds": stage.seconds,
              "machine": {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-                         "cpus": os.cpu_count()}}
+                         "cpus": os.cpu_count(),
+                         "matmul_tflops_before_after": [round(r, 4) for r in speed]}}
   with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(summary_table(summary))
@@ -216,4 +221,7 @@ def summary_table(summary: dict) -> str:
         f"{100 * m[k]:.1f}" if k in ("CIDEr", "BLEU-4") else f"{m[k]:.3f}" for k in keys) + " |")
   lines.append(f"\nreference captions' own Div-2 (10 per image): {summary['ref_Div-2']:.3f}; "
                f"whole demo: {summary['seconds'] / 60:.1f} min")
+  rate = summary.get("machine", {}).get("matmul_tflops_before_after")
+  if rate:
+    lines[-1] += f" (float32 matmul {rate[0]:.3f} TFLOP/s before, {rate[1]:.3f} after)"
   return "\n".join(lines)
