@@ -143,8 +143,10 @@ teaches shape. Heads are not free on this CPU: the same FLOPs cut into more, sma
 probe's shape of two from 58.5% to 68.4%, the captions' exactly right from 55.6% to 65.4% and
 shape from 76.8% to 88.0%, but the demo from about 15 to 17.2 minutes. 3,000 steps with 16
 heads, about the time of 4,000 with 4, gave 57.0% (probe shape of two 63.0%): no better than 4
-heads for the same time, so the demo keeps 4,000 steps and is over its 15 minutes
-(README; BENCHMARKS.md).
+heads for the same time, so the demo keeps 4,000 steps. It wins the time back elsewhere: it
+trains data-parallel over the 2 devices `pdiff demo` splits the CPU into (a step 130 -> 112 ms
+in the whole demo, the same updates but for the order of sums), and the denoiser trains 3,000
+steps instead of 4,000 (configs/demo.py; README; BENCHMARKS.md).
 """
 
 from __future__ import annotations
