@@ -16,7 +16,9 @@ for ((i = 0; i < n; i++)); do
   cmd=(env PDIFF_COORDINATOR=127.0.0.1:$port PDIFF_NUM_PROCESSES=$n PDIFF_PROCESS_ID=$i
        JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} "$py" -m pdiff_jax "$@")
   if [ $dry = 1 ]; then echo "${cmd[*]}"; continue; fi
-  ( "${cmd[@]}" 2>&1 | sed -u "s/^/[process $i] /"; exit "${PIPESTATUS[0]}" ) &
+  ( "${cmd[@]}" 2>&1 | sed -u "s/^/[process $i] /"; code=${PIPESTATUS[0]}
+    [ "$code" = 0 ] || echo "multihost_local.sh: process $i exited with status $code" >&2
+    exit "$code" ) &
   pids+=($!)
 done
 [ $dry = 1 ] && exit 0
