@@ -423,8 +423,9 @@ def save_small_clip(directory: str | os.PathLike, *, words: Sequence[str] = (), 
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(directory)
   else:
-    # Initialised in one jitted program: transformers' own init runs op by op (8 s for this
-    # small model here, most of it compiling each op; 0.5 s jitted, once compiled).
+    # Initialised in one jitted program: transformers' own init runs op by op (8.2 s for the
+    # demo's CLIP here, most of it compiling each op; jitted 3.0-3.7 s, 0.9 s from a warm
+    # compilation cache).
     model = FlaxCLIPModel(config, seed=seed, _do_init=False)
     if params is None:
       params = jax.jit(functools.partial(model.init_weights, input_shape=model.input_shape))(model.key)
