@@ -219,9 +219,8 @@ def summary_table(summary: dict) -> str:
   for name, m in summary["variants"].items():
     lines.append(f"| {name} | " + " | ".join(
         f"{100 * m[k]:.1f}" if k in ("CIDEr", "BLEU-4") else f"{m[k]:.3f}" for k in keys) + " |")
+  rate = summary["machine"]["matmul_tflops_before_after"]
   lines.append(f"\nreference captions' own Div-2 (10 per image): {summary['ref_Div-2']:.3f}; "
-               f"whole demo: {summary['seconds'] / 60:.1f} min")
-  rate = summary.get("machine", {}).get("matmul_tflops_before_after")
-  if rate:
-    lines[-1] += f" (float32 matmul {rate[0]:.3f} TFLOP/s before, {rate[1]:.3f} after)"
+               f"whole demo: {summary['seconds'] / 60:.1f} min (float32 matmul {rate[0]:.3f} "
+               f"TFLOP/s before, {rate[1]:.3f} after)")
   return "\n".join(lines)

@@ -219,8 +219,8 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
 
   sweeps = {}
   if sweep:
-    refs = {i: list(e["references"]) for i, e in enumerate(entries)}
-    cider = coco.cider_against(refs) if lead else None  # the references tokenised once
+    # CIDEr of every point against the same references, tokenised once
+    cider = coco.cider_against({i: e["references"] for i, e in enumerate(entries)}) if lead else None
     sweeps["candidates"] = []
     for k in SWEEP_CANDIDATES:
       sub = [{**e, **r} for e, r in zip(entries, rank_candidates(captions, scores, k))]
