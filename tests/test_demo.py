@@ -376,6 +376,25 @@ def test_demo_fast_end_to_end_twice_gives_the_same_figures(tmp_path):
   assert got["num_images"] == 6 and 0 <= got["exactly_right"] <= got["grammatical"] <= 1
 
 
+def test_demo_device_count_yields_to_the_environment_and_to_a_started_jax(monkeypatch, caplog):
+  """`use_cpu_devices` keeps a count the environment set (JAX_NUM_CPU_DEVICES here; the fast
+  demo's test sees the default 2), and where JAX already runs it says that its count stays."""
+  import subprocess
+  import sys
+  from conftest import ROOT
+  from pdiff_jax import demo
+  code = "from pdiff_jax import demo; demo.use_cpu_devices(); import jax; print(jax.device_count())"
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                     env={**os.environ, "XLA_FLAGS": "", "JAX_NUM_CPU_DEVICES": "3"})
+  assert r.returncode == 0 and r.stdout.split()[-1] == "3", r.stderr[-2000:]
+  import jax
+  jax.devices()  # this process's JAX has started (8 devices, tests/conftest.py)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  with caplog.at_level("WARNING", logger="pdiff_jax.demo"):
+    demo.use_cpu_devices()
+  assert jax.device_count() == 8 and "runs on its 8 CPU device(s), not 2" in caplog.text
+
+
 def test_the_other_renderer_draws_what_its_attributes_say():
   """Its images are labelled like the training renderer's (object centres have their colour; a
   relation is clear along one axis) but look otherwise: outlines, textured backgrounds."""
