@@ -150,10 +150,10 @@ steps instead of 4,000 (configs/demo.py; README; BENCHMARKS.md).
 
 The learning rate (2026-12-06, evening; 2e-3 the demo's since). Each object's shape where there
 are two still rose steeply from 2,000 to 4,000 steps, so the small CLIP learns too slowly rather
-than too little: fit on the train split's features, the same probe reads its own train images
-no better (shape of two 75%) than the test ones (69%). Ways to learn faster for the same steps,
-one change each to the 16-head recipe (probe on test: shape / shape of two / relation / size;
-run two at a time, so no times; every change leaves a step's cost as it was):
+than too little: fit on the train split's features, the same probe reads the train images'
+shapes of two little better (75%) than the test images' (69%). Ways to learn faster for the
+same steps, one change each to the 16-head recipe (probe on test: shape / shape of two /
+relation / size; run two at a time, so no times; every change leaves a step's cost as it was):
 
 | small CLIP | 2,000 steps | 4,000 steps |
 |---|---|---|
