@@ -169,7 +169,7 @@ relation / size; run two at a time, so no times; every change leaves a step's co
 The two do not add up (at either length), and 3e-3 is past the best rate, so the demo takes
 lr 2e-3, which needs no new option.
 
-The same CPU time, the same features (2026-12-06, night; nothing kept). With the rate settled,
+The same CPU time, the same features (2026-12-06, late evening; nothing kept). With the rate settled,
 the probe still rose with every step, so a cheaper step might buy more of them. A step alone on
 the 2 cores, against the demo's (batch 64, 64 patches of 4 pixels; 105 ms at speed): batch 32
 0.65x (from whole runs), 16 patches of 8 pixels about 0.4x and the same with 4 layers about 0.9x
