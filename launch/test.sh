@@ -4,7 +4,7 @@
 # Two pytest-xdist workers by default (PDIFF_TEST_WORKERS=N for more; 0 runs in this process,
 # as --pdb and -s need):
 # most tests wait on subprocesses, Java or compilation, so two workers on two cores cut the
-# suite by about a third here (15.7 -> 10.8 min when last timed both ways; 11.8-14.2 min on two
+# suite by about a third here (15.7 -> 10.8 min when last timed both ways; 10.9-14.2 min on two
 # on 2026-12-06, 242-243 tests). Tests marked xdist_group share a worker (and its session fixtures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
