@@ -172,8 +172,8 @@ lr 2e-3, which needs no new option.
 The same CPU time, the same features (2026-12-06, late evening; nothing kept). With the rate settled,
 the probe still rose with every step, so a cheaper step might buy more of them. A step alone on
 the 2 cores, against the demo's (batch 64, 64 patches of 4 pixels; 105 ms at speed): batch 32
-0.65x (from whole runs), 16 patches of 8 pixels about 0.4x and the same with 4 layers about 0.9x
-(tqdm's rate over short stretches). Probe on test, shape / shape of two / relation / size:
+0.65x (its whole runs against tqdm's rate), 16 patches of 8 pixels about 0.4x and the same with
+4 layers about 0.9x (tqdm's rate over 10 s stretches, so rough). Probe on test, shape / shape of two / relation / size:
 
 | small CLIP | steps | CPU time, x the demo's | probe |
 |---|---|---|---|
