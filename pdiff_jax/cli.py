@@ -22,9 +22,9 @@ commands:
   extract --config=CFG [--config.key=value ...]                  CLIP features + vocabulary of every split
   train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
   caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--solver=ddim|dpmpp2m|dpmpp2m-sde] [--guidance=S]
-          [--length=auto|N|MIN-MAX] [--json] IMAGE...
+          [--length=auto|N|MIN-MAX] [--select=clip|vote|posterior] [--json] IMAGE...
   eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--solver=ddim|dpmpp2m|dpmpp2m-sde] [--guidance=S]
-          [--length=auto|N|MIN-MAX] [--sweep]
+          [--length=auto|N|MIN-MAX] [--select=clip|vote|posterior] [--sweep]
   score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
   bench   [--config=CFG] --out=FILE [--parts=train,sample,clip,pipeline,extract,serve] [--profile_dir=DIR]
           [--solver=NAME] [--guidance=S] [--workdir=DIR (serve)]
@@ -134,9 +134,13 @@ def _sampling_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same captions.", flag_values=fv)
   flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default: sampler.eta).", lower_bound=0.0,
                      upper_bound=1.0, flag_values=fv)
-  from pdiff_jax.sampler import SOLVERS
+  from pdiff_jax.sampler import SELECTS, SOLVERS
   flags.DEFINE_enum("solver", None, list(SOLVERS), "Sampling solver (default: sampler.solver; "
                     "ddim is the original's).", flag_values=fv)
+  flags.DEFINE_enum("select", None, list(SELECTS), "How the caption is chosen among the "
+                    "candidates (default: sampler.select): clip (the original's: highest CLIP "
+                    "cosine), vote (drawn most often, ties by cosine) or posterior (CLIP's softmax "
+                    "summed over each caption's copies).", flag_values=fv)
   flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sampler.guidance; "
                      "1 = none, 0 = unconditional; needs a model trained with model.cond_drop).",
                      flag_values=fv)
@@ -178,7 +182,7 @@ def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:
       print(f"pdiff caption: {path}: {e}", file=sys.stderr)
       failed += 1
   results = captioner.caption([im for _, im in readable], num_candidates=fv.num_candidates,
-                              steps=fv.steps, seed=fv.seed, eta=fv.eta,
+                              steps=fv.steps, seed=fv.seed, eta=fv.eta, select=fv.select,
                               **opts) if readable else []
   if fv.json:
     print(json.dumps([{"image": path, **r} for (path, _), r in zip(readable, results)], indent=1))
@@ -209,7 +213,7 @@ def _cmd_eval(fv: flags.FlagValues) -> int:
   captioner = Captioner.from_workdir(fv.workdir)
   evaluate.evaluate(fv.workdir, fv.split, fv.num_candidates, fv.steps, fv.seed, fv.eta,
                     sweep=fv.sweep, max_images=fv.max_images, report_thumbnails=fv.report_thumbnails,
-                    captioner=captioner, **_sampling_options(captioner, fv))
+                    captioner=captioner, select=fv.select, **_sampling_options(captioner, fv))
   return 0
 
 

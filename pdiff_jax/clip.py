@@ -215,6 +215,11 @@ class Clip:
                devices, image_chunk, text_chunk)
 
   @property
+  def logit_scale(self) -> float:
+    """CLIP's learnt inverse temperature: its softmax over texts is of this x the cosines."""
+    return float(np.exp(jax.device_get(self.params["logit_scale"])))
+
+  @property
   def num_params(self) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.params))
 

@@ -128,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.length = ""  # "" = the model decides (the original); "auto", "N" or "MIN-MAX" words
   c.sampler.batch_size = 8  # images per sampling call (each with num_candidates chains)
   c.sampler.rerank_clip = ""  # CLIP for reranking; empty = clip.model
+  # Which candidate is chosen: "clip" (the original's: highest cosine), "vote" (drawn most often,
+  # ties by cosine) or "posterior" (CLIP's softmax summed over copies); inference.rank_candidates
+  c.sampler.select = "clip"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.clip_model = ""  # CLIP for CLIP-S / RefCLIP-S; empty = clip.model (then reranking inflates CLIP-S)
@@ -220,6 +223,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("sampler.length", str(e)) from None
   _check(config.sampler.mode in sampler_lib.MODES, "sampler.mode",
          f"unknown mode {config.sampler.mode!r}; expected one of {', '.join(sampler_lib.MODES)}")
+  _check(config.sampler.get("select", "clip") in sampler_lib.SELECTS, "sampler.select",
+         f"unknown {config.sampler.get('select')!r}; expected one of {', '.join(sampler_lib.SELECTS)}")
   _check(config.sampler.batch_size >= 1, "sampler.batch_size",
          f"must be >= 1, got {config.sampler.batch_size}")
   _check(config.sampler.mode != "respace" or config.sampler.steps <= d.num_steps, "sampler.steps",

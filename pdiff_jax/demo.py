@@ -19,7 +19,6 @@ import numpy as np
 from pdiff_jax import clip as clip_lib
 from pdiff_jax import bench, clip_pretrain, evaluate, report, storage, train
 from pdiff_jax.data import features, shapes
-from pdiff_jax.inference import rank_candidates
 from pdiff_jax.metrics import coco, diversity, exact
 
 log = logging.getLogger(__name__)
@@ -175,7 +174,7 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   perm = rng.permutation(len(feats))
   shuffled_cands, shuffled_scores = evaluate.sample_split(captioner, feats[perm], feats[perm], n,
                                                            steps, config.seed, s.eta, progress)
-  shuffled = rank_candidates(shuffled_cands, shuffled_scores, n)
+  shuffled = captioner.rank(shuffled_cands, shuffled_scores, n)
   variants = {
       "model": _scores([e["caption"] for e in entries], cands, refs, attrs),
       "shuffled_features": _scores([r["caption"] for r in shuffled], shuffled_cands, refs, attrs),

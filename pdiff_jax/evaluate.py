@@ -16,7 +16,7 @@ from pdiff_jax import sampler as sampler_lib
 from pdiff_jax import storage
 from pdiff_jax.data import shapes
 from pdiff_jax.data.vocab import tokenize
-from pdiff_jax.inference import rank_candidates
+from pdiff_jax.inference import check_select
 from pdiff_jax.metrics import clipscore, coco, diversity, exact
 
 SWEEP_CANDIDATES = (1, 2, 5, 10, 20)
@@ -155,10 +155,11 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
              sweep: bool = False, max_images: int | None = None, progress: bool = True,
              captioner=None, out_dir: str | None = None, report_thumbnails: int = 300,
              solver: str | None = None, guidance: float | None = None,
-             length: str | None = None) -> dict:
+             length: str | None = None, select: str | None = None) -> dict:
   """Samples every image of `split` from the feature store, reranks, scores; writes
   `workdir/eval/<split>/{metrics.json, captions.json, report.html}`. The sampler options
-  (`solver`, `guidance`, `length`; default: the config's) are recorded in metrics.json; a model
+  (`solver`, `guidance`, `length`, and `select` as in `inference.rank_candidates`; default: the
+  config's) are recorded in metrics.json; a model
   with a length head also gets its length accuracy against the references."""
   from pdiff_jax import clip as clip_lib, model as model_lib
   from pdiff_jax.data.features import FeatureStore
@@ -173,6 +174,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   steps = int(steps or s.steps)
   eta = float(s.eta if eta is None else eta)
   opts = captioner.sampling_options(solver, guidance, length)  # checked before any work
+  select = check_select(select or captioner.select)
   store = FeatureStore(config.data.feature_dir)
   features = store.split(split).features
   meta = store.images(split)
@@ -190,7 +192,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   n_sample = max(n, max(SWEEP_CANDIDATES)) if sweep else n
   captions, scores = sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta, progress,
                                   **opts)
-  ranked = rank_candidates(captions, scores, n)
+  ranked = captioner.rank(captions, scores, n, select)
 
   lead = jax.process_index() == 0  # every process samples its share; process 0 scores and writes
   eval_clip_name = config.get("eval", {}).get("clip_model", "") or captioner.clip.name
@@ -213,7 +215,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
                                    [m["captions"] for m in meta], cfg.max_len))
   metrics.update({
       "trainable_params": model_lib.count_params(captioner.bundle.params, captioner.bundle.model.cfg),
-      "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, **opts, "eta": eta, "seed": seed,
+      "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, **opts, "select": select, "eta": eta, "seed": seed,
       "split": split, "checkpoint_step": captioner.bundle.step, "rerank_clip": captioner.rerank_clip.name,
   })
 
@@ -223,12 +225,12 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
     cider = coco.cider_against({i: e["references"] for i, e in enumerate(entries)}) if lead else None
     sweeps["candidates"] = []
     for k in SWEEP_CANDIDATES:
-      sub = [{**e, **r} for e, r in zip(entries, rank_candidates(captions, scores, k))]
+      sub = [{**e, **r} for e, r in zip(entries, captioner.rank(captions, scores, k, select))]
       sweeps["candidates"].append({"n": k, **(_cider_div2(sub, cider) if lead else {})})
     attrs = [truth[e["image_id"]] for e in entries] if truth is not None else None
 
     def point(cs, sc) -> dict:  # CIDEr and Div-2, and exactly_right on the shapes
-      sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
+      sub = [{**e, **r} for e, r in zip(entries, captioner.rank(cs, sc, n, select))]
       if not lead:
         return {}
       right = {} if attrs is None else {"exactly_right": exact.shapes_scores(
@@ -251,7 +253,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
       for g in SWEEP_GUIDANCE:
         cs, sc = sample_split(captioner, features, rerank_emb, n, steps, seed, eta, progress,
                               **{**opts, "guidance": g})
-        sub = [{**e, **r} for e, r in zip(entries, rank_candidates(cs, sc, n))]
+        sub = [{**e, **r} for e, r in zip(entries, captioner.rank(cs, sc, n, select))]
         point = _guidance_point(sub, cider, eval_clip, embeddings(eval_clip), attrs) if lead else {}
         sweeps["guidance"].append({"guidance": g, **point})
     metrics["sweep"] = sweeps

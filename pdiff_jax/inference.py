@@ -104,17 +104,47 @@ def to_image(image) -> Image.Image:
   return images_lib.to_rgb(Image.fromarray(arr))
 
 
-def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None,
-                    k: int) -> list[dict]:
-  """The first k candidates of each image sorted by score, best first: [{"caption", "candidates"}].
-  Without scores (or k = 1) the first candidate is chosen and its score is None."""
+def check_select(select: str) -> str:
+  if select not in sampler_lib.SELECTS:
+    raise ValueError(f"select: unknown {select!r}; expected one of {', '.join(sampler_lib.SELECTS)}")
+  return select
+
+
+def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None, k: int,
+                    select: str = "clip", logit_scale: float | None = None) -> list[dict]:
+  """The first k candidates of each image, best first: [{"caption", "candidates"}]. Without
+  scores (or k = 1) the first candidate is chosen and its score is None.
+
+  `select` orders them (ties keep the candidates' order):
+  - "clip" (the original's): by CLIP cosine (`scores`).
+  - "vote": by how many of the k candidates are the same caption, then by cosine: the majority
+    vote of self-consistency (Wang et al., 2023), which trusts what the sampler says most often.
+  - "posterior": by the log of CLIP's softmax over the k candidates (temperature: the rerank
+    CLIP's own `logit_scale`), summed over the copies of each caption, that is CLIP's
+    probability of a caption times how often the sampler drew it (`logit_scale * cosine +
+    log(copies)`): a vote weighted by CLIP, with no weight to tune.
+  Under "vote" and "posterior" each candidate also gets "votes", its number of copies."""
+  check_select(select)
+  if select == "posterior" and scores is not None and k > 1 and logit_scale is None:
+    raise ValueError("select: 'posterior' needs the rerank CLIP's logit_scale")
   out = []
   for i, cands in enumerate(captions):
     if k == 1 or scores is None:
       ranked = [{"caption": cands[0], "score": None}]
     else:
-      order = np.argsort(-scores[i, :k], kind="stable")
-      ranked = [{"caption": cands[j], "score": float(scores[i, j])} for j in order]
+      cands, score = list(cands[:k]), np.asarray(scores[i, :k], np.float64)
+      copies = {c: cands.count(c) for c in cands}
+      votes = np.array([copies[c] for c in cands])
+      if select == "clip":
+        order = np.argsort(-score, kind="stable")
+      elif select == "vote":
+        order = np.lexsort((np.arange(k), -score, -votes))
+      else:
+        logit = logit_scale * score
+        mass = {c: np.logaddexp.reduce(logit[[j for j in range(k) if cands[j] == c]]) for c in copies}
+        order = np.argsort(-np.array([mass[c] for c in cands]), kind="stable")
+      ranked = [{"caption": cands[j], "score": float(score[j]),
+                 **({} if select == "clip" else {"votes": int(votes[j])})} for j in order]
     out.append({"caption": ranked[0]["caption"], "candidates": ranked})
   return out
 
@@ -130,6 +160,7 @@ class Captioner:
           f"was trained on {feature_dim}-d features ({bundle.config.clip.model})")
     self.bundle, self.clip = bundle, clip
     self.rerank_clip = rerank_clip or clip
+    self.select = str(bundle.config.sampler.get("select", "clip"))  # see `rank_candidates`
     self.mesh = clip.mesh
     self.params = jax.device_put(bundle.params, NamedSharding(self.mesh, P()))
     self._samplers: dict[tuple, Any] = {}
@@ -219,6 +250,14 @@ class Captioner:
     image = clip_lib.normalize(np.asarray(image_emb_BF, np.float32))
     return np.einsum("bne,be->bn", text, image)
 
+  def rank(self, captions: Sequence[Sequence[str]], scores: np.ndarray | None, k: int,
+           select: str | None = None) -> list[dict]:
+    """`rank_candidates` by `select` (default: the config's `sampler.select`), with the rerank
+    CLIP's temperature."""
+    select = select or self.select
+    return rank_candidates(captions, scores, k, select,
+                           self.rerank_clip.logit_scale if select == "posterior" else None)
+
   def features(self, images: Sequence[Image.Image]) -> np.ndarray:
     return self.clip.encode_images(self.clip.preprocess(images))
 
@@ -227,10 +266,12 @@ class Captioner:
   def caption(self, images: Sequence[Any], num_candidates: int | None = None,
               steps: int | None = None, seed: int = 0, eta: float | None = None,
               batch_size: int | None = None, solver: str | None = None,
-              guidance: float | None = None, length: str | None = None) -> list[dict]:
+              guidance: float | None = None, length: str | None = None,
+              select: str | None = None) -> list[dict]:
     """[{"caption": best, "candidates": [{"caption", "score"}, ...] best first}, ...] per image.
 
-    `solver`, `guidance` and `length` as in `sampling_options` (default: the config's).
+    `solver`, `guidance` and `length` as in `sampling_options`, `select` as in `rank_candidates`
+    (default: the config's).
     Images are paths, PIL images or uint8 arrays. Results depend only on (seed, position of the
     image in `images`, candidate index), not on batching. With n = 1 no reranking is done and
     the score is None.
@@ -241,6 +282,7 @@ class Captioner:
     eta = s.eta if eta is None else eta
     batch_size = int(batch_size or s.batch_size)
     opts = self.sampling_options(solver, guidance, length)  # checked before any work
+    check_select(select or self.select)
     pil = [to_image(im) for im in images]
     results = []
     for start in range(0, len(pil), batch_size):
@@ -249,19 +291,21 @@ class Captioner:
       emb = feats if self.rerank_clip is self.clip else self.rerank_clip.encode_images(
           self.rerank_clip.preprocess(chunk))
       results += self.caption_features(feats, emb, n, steps, seed, eta,
-                                       offsets=np.arange(start, start + len(chunk)), **opts)
+                                       offsets=np.arange(start, start + len(chunk)), select=select,
+                                       **opts)
     return results
 
   def caption_features(self, features_BF: np.ndarray, rerank_emb_BF: np.ndarray | None,
                        num_candidates: int, steps: int, seed: int, eta: float,
                        offsets: np.ndarray | None = None, solver: str | None = None,
-                       guidance: float | None = None, length: str | None = None) -> list[dict]:
+                       guidance: float | None = None, length: str | None = None,
+                       select: str | None = None) -> list[dict]:
     """`caption` from precomputed CLIP features (and the rerank CLIP's image embeddings)."""
     tokens = self.sample_tokens(features_BF, num_candidates, steps, seed, eta, offsets, solver,
                                 guidance, length)
     captions = [[self.bundle.vocab.decode(t) for t in cands] for cands in tokens]
     scores = self.rerank(rerank_emb_BF, captions) if num_candidates > 1 else None
-    return rank_candidates(captions, scores, num_candidates)
+    return self.rank(captions, scores, num_candidates, select)
 
   def sample_tokens(self, features_BF: np.ndarray, num_candidates: int, steps: int, seed: int,
                     eta: float, offsets: np.ndarray | None = None, solver: str | None = None,

@@ -90,6 +90,8 @@ def _fmt(v) -> str:
 
 def _candidate(rank: int, c: dict) -> str:
   score = "" if c.get("score") is None else f" <span class='score'>{c['score']:.3f}</span>"
+  if c.get("votes", 1) > 1:  # chosen by vote or posterior (`sampler.select`): its copies count
+    score += f" <span class='score' title='drawn this many times among the candidates'>x{c['votes']}</span>"
   mark = (" <span class='exact' title='every stated attribute is true of the image'>exactly right</span>"
           if c.get("exactly_right") else
           " <span class='ungram' title='not a sentence of the data set&#39;s templates'>ungrammatical</span>"

@@ -142,6 +142,9 @@ def dpm_solver_2m(sde: bool = False) -> Solver:
 # Config names (`sampler.solver`, `--solver`) -> f(eta) -> Solver; eta is DDIM's alone.
 SOLVERS = {"ddim": ddim, "dpmpp2m": lambda eta: dpm_solver_2m(),
            "dpmpp2m-sde": lambda eta: dpm_solver_2m(sde=True)}
+# How the chosen caption is picked among an image's candidates (`sampler.select`, `--select`):
+# `inference.rank_candidates` says what each does.
+SELECTS = ("clip", "vote", "posterior")
 
 
 def make_solver(name: str, eta: float = 1.0) -> Solver:

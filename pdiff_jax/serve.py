@@ -174,8 +174,7 @@ class Batcher:
     t2 = time.perf_counter()
     captions = [[c.bundle.vocab.decode(t) for t in cands] for cands in tokens]
     scores = c.rerank(emb, captions) if n > 1 else None
-    from pdiff_jax.inference import rank_candidates
-    ranked = rank_candidates(captions, scores, n)
+    ranked = c.rank(captions, scores, n)
     t3 = time.perf_counter()
     self.calls += 1
     self.images += len(pil)

@@ -140,12 +140,15 @@ def test_score_on_a_results_file_equals_eval(evaluated, trained_workdir, clip_di
 
 
 def test_eval_command(trained_workdir):
-  r = run_pdiff("eval", f"--workdir={trained_workdir[0]}", "--split=val", "--num_candidates=2",
-                "--steps=4", env={"XLA_FLAGS": xla_flags()})
+  r = run_pdiff("eval", f"--workdir={trained_workdir[0]}", "--split=val", "--num_candidates=3",
+                "--steps=4", "--select=vote", env={"XLA_FLAGS": xla_flags()})
   assert r.returncode == 0, r.stderr
   assert "| BLEU-4 | METEOR |" in r.stdout
-  m = json.load(open(os.path.join(trained_workdir[0], "eval", "val", "metrics.json")))
-  assert m["num_images"] == 2 and m["num_candidates"] == 2
+  out = os.path.join(trained_workdir[0], "eval", "val")
+  m = json.load(open(os.path.join(out, "metrics.json")))
+  assert m["num_images"] == 2 and m["num_candidates"] == 3 and m["select"] == "vote"
+  for e in json.load(open(os.path.join(out, "captions.json"))):  # chosen by vote: the most copies
+    assert e["candidates"][0]["votes"] == max(c["votes"] for c in e["candidates"])
 
 
 def test_report_with_a_summary_first_marks_exact_and_ungrammatical_candidates():
@@ -166,6 +169,10 @@ def test_report_with_a_summary_first_marks_exact_and_ungrammatical_candidates():
   assert "exactly right</span>" not in items[1] and "ungrammatical" not in items[1]
   assert "ungrammatical</span>" in items[2]
   assert report.render("t", {"CIDEr": 2.0}, entries).index("<h2>Metrics") < page.index("<h2>Captions")
+  # A choice by vote (`sampler.select`) shows each candidate's copies where there are several.
+  entries[0]["candidates"][0]["votes"], entries[0]["candidates"][1]["votes"] = 3, 1
+  items = report.render("t", {}, entries).split("<ol>")[1].split("<li")[1:]
+  assert ">x3</span>" in items[0] and ">x1<" not in items[1]
 
 
 def test_report_plots_the_guidance_sweep(tmp_path):

@@ -93,6 +93,74 @@ def test_rerank_order_equals_independent_cosine(captioner, clip_dir, image_paths
     cos = (txt / np.linalg.norm(txt, axis=-1, keepdims=True)) @ (img[0] / np.linalg.norm(img[0]))
     np.testing.assert_allclose([c["score"] for c in r["candidates"]], cos, rtol=1e-4, atol=1e-5)
     assert list(np.argsort(-cos, kind="stable")) == list(range(len(texts)))
+    # The temperature of select="posterior": transformers' logits are it times the cosines.
+    logits = np.asarray(model(**enc).logits_per_image)[0]
+    np.testing.assert_allclose(logits, captioner.rerank_clip.logit_scale * cos, rtol=1e-4, atol=1e-5)
+
+
+def test_select_rules_against_their_definitions():
+  """`rank_candidates`' vote and posterior against their definitions written out: the most
+  frequent caption (ties by the highest cosine, then the first drawn), and the caption of most
+  softmax mass, summed over its copies (scipy), with the cosines of copies equal as CLIP gives
+  them. The original's order ("clip") stays a plain sort by cosine, without votes."""
+  import collections
+  from scipy.special import softmax
+  from pdiff_jax.inference import rank_candidates
+  # By hand: "b" is drawn 3 times at a lower cosine than "a".
+  caps = [["a", "b", "b", "c", "b"]]
+  cos = np.array([[0.9, 0.5, 0.5, 0.8, 0.5]])
+  assert rank_candidates(caps, cos, 5)[0]["caption"] == "a"
+  assert "votes" not in rank_candidates(caps, cos, 5)[0]["candidates"][0]
+  voted = rank_candidates(caps, cos, 5, "vote")[0]
+  assert [c["caption"] for c in voted["candidates"]] == ["b", "b", "b", "a", "c"]
+  assert [c["votes"] for c in voted["candidates"]] == [3, 3, 3, 1, 1]
+  # 3 e^0.5 > e^0.9 at a temperature of 1; at 100 the cosine gap outweighs the copies.
+  assert rank_candidates(caps, cos, 5, "posterior", logit_scale=1.0)[0]["caption"] == "b"
+  assert rank_candidates(caps, cos, 5, "posterior", logit_scale=100.0)[0]["caption"] == "a"
+  assert rank_candidates(caps, cos, 2, "vote")[0]["caption"] == "a"  # votes among the first k
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    n, pool = int(rng.integers(2, 9)), [f"caption {i}" for i in range(int(rng.integers(1, 6)))]
+    cands = [pool[i] for i in rng.integers(len(pool), size=n)]
+    value = {c: float(rng.choice([0.1, 0.2, 0.3])) for c in pool}  # ties between captions too
+    scores = np.array([[value[c] for c in cands]], np.float32)
+    scale = float(rng.choice([1.0, 10.0, 23.3]))
+    count = collections.Counter(cands)
+    vote = max(range(n), key=lambda j: (count[cands[j]], scores[0, j], -j))
+    p = softmax(scale * scores[0].astype(np.float64))
+    mass = collections.defaultdict(float)
+    for c, pj in zip(cands, p):
+      mass[c] += pj
+    post = max(range(n), key=lambda j: (round(mass[cands[j]], 12), -j))
+    assert rank_candidates([cands], scores, n, "vote")[0]["caption"] == cands[vote]
+    ranked = rank_candidates([cands], scores, n, "posterior", logit_scale=scale)[0]
+    assert ranked["caption"] == cands[post]
+    assert sorted(c["caption"] for c in ranked["candidates"]) == sorted(cands)  # all kept
+    masses = [mass[c["caption"]] for c in ranked["candidates"]]
+    assert all(a >= b - 1e-12 for a, b in zip(masses, masses[1:]))
+    assert [c["caption"] for c in rank_candidates([cands], scores, n)[0]["candidates"]] == \
+        [cands[j] for j in np.argsort(-scores[0], kind="stable")]
+  with pytest.raises(ValueError, match="select: unknown 'best'"):
+    rank_candidates(caps, cos, 5, "best")
+  with pytest.raises(ValueError, match="logit_scale"):
+    rank_candidates(caps, cos, 5, "posterior")
+
+
+def test_select_on_the_captioner(captioner, image_paths):
+  """`select=` reorders the same candidates; the choice by vote is a caption drawn most often;
+  the posterior uses the rerank CLIP's own temperature; a bad name fails before any work."""
+  by_clip = captioner.caption(image_paths, num_candidates=6, steps=4, seed=5)
+  for select in ("vote", "posterior"):
+    out = captioner.caption(image_paths, num_candidates=6, steps=4, seed=5, select=select)
+    for a, b in zip(out, by_clip):
+      assert sorted((c["caption"], c["score"]) for c in a["candidates"]) == \
+          sorted((c["caption"], c["score"]) for c in b["candidates"])
+      if select == "vote":
+        assert a["candidates"][0]["votes"] == max(c["votes"] for c in a["candidates"])
+  scale = captioner.rerank_clip.logit_scale
+  assert np.isclose(scale, np.exp(float(captioner.rerank_clip.params["logit_scale"])))
+  with pytest.raises(ValueError, match="select: unknown 'best'"):
+    captioner.caption(image_paths, num_candidates=2, steps=2, select="best")
 
 
 def test_refusals(trained_workdir, tmp_path):

@@ -301,6 +301,8 @@ def test_the_solver_is_a_config_key_and_a_flag(tiny):
   config, model, params, clip = tiny
   with pytest.raises(config_lib.ConfigError, match="sampler.solver"):
     config_lib.validate(load_config("tiny", **{"sampler.solver": "euler"}))
+  with pytest.raises(config_lib.ConfigError, match="sampler.select.*'best'.*clip, vote, posterior"):
+    config_lib.validate(load_config("tiny", **{"sampler.select": "best"}))
   sched = S.make_sampling_schedule("trunc_cos", 100, 5)
   keys = S.candidate_keys(0, jnp.arange(3), 2)
   tokens = jax.jit(lambda p, c, k: S.sample_tokens(model, p, c, k, sched, solver=S.dpm_solver_2m()))(
