@@ -88,13 +88,14 @@ def draw_set(count: int, seed: int = 0) -> tuple[list[Image.Image], list[dict]]:
 
 
 def score_workdir(model_dir: str, count: int = 500, seed: int = 0, num_candidates: int | None = None,
-                  steps: int | None = None) -> dict:
+                  steps: int | None = None, select: str | None = None) -> dict:
   """The exact-correctness metrics of a trained shapes model on `count` images of this renderer,
   sampled and reranked as `pdiff eval` does (the model's sampler settings unless given)."""
   from pdiff_jax.inference import Captioner
   from pdiff_jax.metrics import exact
   images, attrs = draw_set(count, seed)
-  results = Captioner.from_workdir(model_dir).caption(images, num_candidates, steps, seed=seed)
+  results = Captioner.from_workdir(model_dir).caption(images, num_candidates, steps, seed=seed,
+                                                      select=select)
   return {"num_images": count, **exact.shapes_scores(
       [r["caption"] for r in results], [[c["caption"] for c in r["candidates"]] for r in results], attrs)}
 
@@ -104,5 +105,6 @@ if __name__ == "__main__":
   parser.add_argument("model_dir")
   parser.add_argument("--images", type=int, default=500)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--select", default=None, help="clip, vote or posterior (default: the model's)")
   args = parser.parse_args()
-  print(json.dumps(score_workdir(args.model_dir, args.images, args.seed), indent=1))
+  print(json.dumps(score_workdir(args.model_dir, args.images, args.seed, select=args.select), indent=1))
