@@ -4,7 +4,7 @@
               [--max_upload_mb=MB]
 
 `POST /v1/caption` takes multipart `image` fields and the form fields `num_candidates`, `steps`,
-`seed`, `solver`, `guidance`, `length`, and answers `{"results": [caption --json entries],
+`seed`, `solver`, `guidance`, `length`, `select`, and answers `{"results": [caption --json entries],
 "timings": {...}}`; `GET /` is a self-contained page, `GET /healthz` says whether the model is
 compiled, `GET /v1/model` describes it. Errors are 4xx with `{"error": "one line"}`.
 
@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from pdiff_jax import sampler as sampler_lib
 from pdiff_jax.data import images as images_lib
+from pdiff_jax.inference import check_select
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class _Job:
   seed: int
   future: concurrent.futures.Future
   queued: float = dataclasses.field(default_factory=time.perf_counter)
+  select: str | None = None  # how its captions are chosen (None: the config's); calls need not match
 
 
 class Batcher:
@@ -174,7 +176,11 @@ class Batcher:
     t2 = time.perf_counter()
     captions = [[c.bundle.vocab.decode(t) for t in cands] for cands in tokens]
     scores = c.rerank(emb, captions) if n > 1 else None
-    ranked = c.rank(captions, scores, n)
+    ranked = []
+    for job in batch:
+      k = len(ranked)
+      ranked += c.rank(captions[k:k + len(job.images)],
+                       None if scores is None else scores[k:k + len(job.images)], n, job.select)
     t3 = time.perf_counter()
     self.calls += 1
     self.images += len(pil)
@@ -230,7 +236,7 @@ class Service:
   def defaults(self) -> dict:
     s = self.captioner.bundle.config.sampler
     return {"num_candidates": int(s.num_candidates), "steps": int(s.steps), "seed": 0,
-            **self.captioner.sampling_options()}
+            **self.captioner.sampling_options(), "select": self.captioner.select}
 
   def warm_up(self) -> None:
     """Compiles the CLIP towers and the sampler at the default options (the shapes every
@@ -290,6 +296,7 @@ class Service:
       opts = self.captioner.sampling_options(form.get("solver") or None,
                                              None if guidance in (None, "") else guidance,
                                              form.get("length"))
+      select = check_select(form.get("select") or d["select"])
     except ValueError as e:
       raise RequestError(422, str(e)) from None
     images, names = [], []
@@ -303,7 +310,7 @@ class Service:
       except images_lib.BadImage as e:
         raise RequestError(400, f"{names[-1]}: {e}") from None
     return _Job((n, steps, opts["solver"], opts["guidance"], opts["length"]), images, names, seed,
-                concurrent.futures.Future())
+                concurrent.futures.Future(), select=select)
 
 
 def resident_bytes() -> int | None:

@@ -114,6 +114,14 @@ def test_answers_as_caption_json_and_as_a_lone_captioner(server, pngs, trained_w
   assert _captions(out) == [[c["caption"] for c in r["candidates"]] for r in lone]
   np.testing.assert_allclose([c["score"] for e in out["results"] for c in e["candidates"]],
                              [c["score"] for e in lone for c in e["candidates"]], rtol=1e-4, atol=1e-6)
+  # `select` chooses among the same candidates, per request, as the captioner does
+  assert info["defaults"]["select"] == "clip"
+  voted = server.post([("image", pngs[0]), ("image", pngs[1])],
+                      {"num_candidates": 3, "steps": 4, "seed": 5, "select": "vote"}).json()
+  lone = captioner.caption([Image.open(io.BytesIO(b)) for _, b in pngs[:2]], num_candidates=3,
+                           steps=4, seed=5, select="vote")
+  assert _captions(voted) == [[c["caption"] for c in r["candidates"]] for r in lone]
+  assert all("votes" in c for e in voted["results"] for c in e["candidates"])
 
 
 def test_concurrent_requests_share_calls_and_get_their_lone_captions(server, pngs):
@@ -205,6 +213,7 @@ def _malformed(rng: random.Random, png: tuple[str, bytes], max_images: int):
       "bad seed": lambda: {"files": [("image", png)], "data": {"seed": rng.choice(["-1", "s"])}},
       "bad solver": lambda: {"files": [("image", png)], "data": {"solver": rng.choice(["euler", "../ddim"])}},
       "bad guidance": lambda: {"files": [("image", png)], "data": {"guidance": rng.choice(["2", "nan", "-1", "x"])}},
+      "bad select": lambda: {"files": [("image", png)], "data": {"select": rng.choice(["best", "CLIP"])}},
       "bad length": lambda: {"files": [("image", png)], "data": {"length": rng.choice(["auto", "0", "5-2", "99", "x"])}},
       "path in name": lambda: {"files": [("image", (rng.choice(["../../etc/passwd", "a/b.png", "dir\\x.png"]), data))]},
       "json body": lambda: {"json": {"image": "aGVsbG8="}},
@@ -233,7 +242,7 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, pngs, tmp_p
     body = r.json()
     assert set(body) == {"error"} and body["error"] and "\n" not in body["error"], (kind, body)
     seen.setdefault(kind, (r.status_code, body["error"]))
-  assert len(seen) == 18  # every kind was tried
+  assert len(seen) == 19  # every kind was tried
   assert seen["bomb"][0] == 400 and "decompression bomb" in seen["bomb"][1]  # refused unopened
   assert seen["over the upload limit"][0] == 413 and seen["too many images"][0] == 413
   assert seen["json body"][0] == 415
