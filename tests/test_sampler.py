@@ -1,10 +1,12 @@
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import CONFIGS, load_config
 from pdiff_jax import config as config_lib
 from pdiff_jax import diffusion
 from pdiff_jax import sampler as S
@@ -425,3 +427,13 @@ def test_parse_length():
     config_lib.validate(load_config("tiny", **{"sampler.length": "auto"}))
   with pytest.raises(config_lib.ConfigError, match="sampler.guidance.*cond_drop"):
     config_lib.validate(load_config("tiny", **{"sampler.guidance": 2.0}))
+
+
+def test_every_config_file_validates():
+  """configs/*.py as shipped (demo_plus's sampler.select included) pass `config.validate`."""
+  names = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py"))
+  assert {"demo", "demo_plus", "paper_coco"} <= set(names)
+  for name in names:
+    config_lib.validate(load_config(name))
+  assert load_config("demo_plus").sampler.select == "posterior"
+  assert load_config("paper_coco").sampler.select == "clip"  # the original's
