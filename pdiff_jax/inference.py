@@ -139,9 +139,10 @@ def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None
         order = np.argsort(-score, kind="stable")
       elif select == "vote":
         order = np.lexsort((np.arange(k), -score, -votes))
-      else:
-        logit = logit_scale * score
-        mass = {c: np.logaddexp.reduce(logit[[j for j in range(k) if cands[j] == c]]) for c in copies}
+      else:  # log of the softmax mass of each caption's copies (its normaliser left out)
+        mass = dict.fromkeys(copies, -np.inf)
+        for c, logit in zip(cands, logit_scale * score):
+          mass[c] = np.logaddexp(mass[c], logit)
         order = np.argsort(-np.array([mass[c] for c in cands]), kind="stable")
       ranked = [{"caption": cands[j], "score": float(score[j]),
                  **({} if select == "clip" else {"votes": int(votes[j])})} for j in order]
