@@ -244,7 +244,8 @@ def test_guidance_self_conditioning_and_length_from_a_trained_workdir(options_wo
       captioner.caption(images, **bad)
   # eval records the options and the length figures, and --sweep adds the guidance curve
   # (sweeps shortened here: each point is a compile)
-  for name, values in (("SWEEP_GUIDANCE", (0.0, 2.0)), ("SWEEP_STEPS", (5,)), ("SWEEP_CANDIDATES", (1, 3))):
+  for name, values in (("SWEEP_GUIDANCE", (0.0, 2.0)), ("SWEEP_STEPS", (5,)), ("SWEEP_CANDIDATES", (1, 3)),
+                       ("SWEEP_SOLVER_STEPS", (5,))):
     monkeypatch.setattr(evaluate, name, values)
   m = evaluate.evaluate(options_workdir, "test", num_candidates=3, steps=5, captioner=captioner,
                         progress=False, guidance=2.0, length="2-5", sweep=True)

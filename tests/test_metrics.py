@@ -157,7 +157,9 @@ def test_scores_with_the_package_mounted_read_only():
   assert r.returncode == 0, r.stderr[-2000:]
   import json
   out = json.loads(r.stdout.strip().splitlines()[-1])
-  assert out["CIDEr"] == pytest.approx(coco.coco_scores(REFS, CANDS)["CIDEr"])
+  # (METEOR's Java, ~10 s of CPU, is left out of the reference: only CIDEr is compared)
+  assert out["CIDEr"] == pytest.approx(coco.coco_scores(REFS, CANDS, meteor=False)["CIDEr"])
+  assert out["METEOR"] > 0
 
 
 # The exact-correctness checker of the shapes data, on hand-written captions.
