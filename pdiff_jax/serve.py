@@ -271,6 +271,7 @@ class Service:
             "defaults": self.defaults(), "limits": {
                 "max_images": self.max_images, "max_upload_mb": self.max_upload / 2 ** 20,
                 "max_candidates": MAX_CANDIDATES, "max_steps": MAX_STEPS,
+                "selects": list(sampler_lib.SELECTS),
                 "max_image_pixels": self.max_pixels,
                 "wait_ms": 1000 * self.batcher.wait_seconds,
                 "max_wait_ms": "auto" if self.batcher.max_wait is None else 1000 * self.batcher.max_wait}}

@@ -116,6 +116,7 @@ def test_answers_as_caption_json_and_as_a_lone_captioner(server, pngs, trained_w
                              [c["score"] for e in lone for c in e["candidates"]], rtol=1e-4, atol=1e-6)
   # `select` chooses among the same candidates, per request, as the captioner does
   assert info["defaults"]["select"] == "clip"
+  assert info["limits"]["selects"] == ["clip", "vote", "posterior"]  # what the page offers
   voted = server.post([("image", pngs[0]), ("image", pngs[1])],
                       {"num_candidates": 3, "steps": 4, "seed": 5, "select": "vote"}).json()
   lone = captioner.caption([Image.open(io.BytesIO(b)) for _, b in pngs[:2]], num_candidates=3,
@@ -309,9 +310,28 @@ def test_the_page_in_a_real_browser(server, pngs, tmp_path):
     scores = [float(li.get_attribute("data-score")) for li in items]
     assert len(items) == 3 and scores == sorted(scores, reverse=True)
     assert browser.find_element(By.CSS_SELECTOR, ".result img").get_attribute("alt") == pngs[0][0]
+    assert all(li.get_attribute("data-votes") is None for li in items)  # "clip" shows no votes
     shot = tmp_path / "page.png"
     browser.save_screenshot(str(shot))
     assert Image.open(shot).size[0] >= 1000
+    # the choice among the n: the server's options, its default first, and the votes shown
+    from selenium.webdriver.support.ui import Select
+    select = Select(browser.find_element(By.ID, "select"))
+    assert [o.get_attribute("value") for o in select.options] == ["clip", "vote", "posterior"]
+    assert select.first_selected_option.get_attribute("value") == "clip"
+    select.select_by_value("vote")
+    browser.find_element(By.ID, "go").click()
+    WebDriverWait(browser, 120).until(
+        lambda b: all(li.get_attribute("data-votes") for li in b.find_elements(By.CSS_SELECTOR, "ol.candidates li"))
+        or b.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    items = browser.find_elements(By.CSS_SELECTOR, "ol.candidates li")
+    votes = [int(li.get_attribute("data-votes")) for li in items]
+    captions = browser.execute_script(
+        "return Array.from(document.querySelectorAll('ol.candidates li'), li => li.firstChild.textContent)")
+    # each candidate's votes are its copies among the n, the most drawn first, shown as "xN"
+    assert len(items) == 3 and votes == [captions.count(c) for c in captions] == sorted(votes, reverse=True)
+    assert [li.find_element(By.CSS_SELECTOR, "span.votes").text for li in items] == [f"\u00d7{v}" for v in votes]
     # the server's error is shown as text
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png at all")
