@@ -6,7 +6,8 @@
 # most tests wait on subprocesses, Java or compilation, so two workers on two cores cut the
 # suite by about a third here (15.7 -> 10.8 min when last timed both ways; 10.9-16.0 min on two
 # on 2026-12-06, 242-246 tests, with the machine's speed). The two cores are then ~95% busy, so
-# more workers would not help (BENCHMARKS.md, where the test suite's time goes). Tests marked xdist_group share a worker (and its session fixtures).
+# more workers would not help (BENCHMARKS.md, where the test suite's time goes). Tests marked
+# xdist_group share a worker (and its session fixtures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

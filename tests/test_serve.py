@@ -332,6 +332,9 @@ def test_the_page_in_a_real_browser(server, pngs, tmp_path):
     # each candidate's votes are its copies among the n, the most drawn first, shown as "xN"
     assert len(items) == 3 and votes == [captions.count(c) for c in captions] == sorted(votes, reverse=True)
     assert [li.find_element(By.CSS_SELECTOR, "span.votes").text for li in items] == [f"\u00d7{v}" for v in votes]
+    # reloading the model information (as a new token does) keeps the user's choice
+    assert browser.execute_script("return loadModel().then(() => document.getElementById('select').value)") == "vote"
+    assert len(select.options) == 3
     # the server's error is shown as text
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png at all")
