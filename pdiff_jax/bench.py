@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import platform
 import shutil
 import statistics
 import time
@@ -55,6 +56,21 @@ def matmul_rate(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> fl
   f = jax.jit(lambda a, b: a @ b)
   f(a, b).block_until_ready()
   return 2 * n ** 3 / _time(lambda: f(a, b).block_until_ready(), repeats)
+
+
+def cpu_model() -> str:
+  """The host CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."): on Linux the kernel's
+  /proc/cpuinfo (no runtime dependency reads it; py-cpuinfo is not one), else what `platform`
+  knows. Figures computed on a CPU can differ on another kind: XLA picks kernels for it."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+          return value.strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine() or "unknown"
 
 
 def _peak_memory() -> int | None:

@@ -191,7 +191,7 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
              "fast": fast, "eval_metrics": {k: metrics.get(k) for k in evaluate.TABLE_KEYS},
              "seconds": time.perf_counter() - t0, "stage_seconds": stage.seconds,
              "machine": {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-                         "cpus": os.cpu_count(),
+                         "cpu": bench.cpu_model(), "cpus": os.cpu_count(),
                          "matmul_tflops_before_after": [round(r, 4) for r in speed]}}
   with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
@@ -221,6 +221,6 @@ def summary_table(summary: dict) -> str:
         f"{100 * m[k]:.1f}" if k in ("CIDEr", "BLEU-4") else f"{m[k]:.3f}" for k in keys) + " |")
   rate = summary["machine"]["matmul_tflops_before_after"]
   lines.append(f"\nreference captions' own Div-2 (10 per image): {summary['ref_Div-2']:.3f}; "
-               f"whole demo: {summary['seconds'] / 60:.1f} min (float32 matmul {rate[0]:.3f} "
-               f"TFLOP/s before, {rate[1]:.3f} after)")
+               f"whole demo: {summary['seconds'] / 60:.1f} min on {summary['machine']['cpu']} "
+               f"(float32 matmul {rate[0]:.3f} TFLOP/s before, {rate[1]:.3f} after)")
   return "\n".join(lines)

@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -319,7 +321,6 @@ def test_demo_fast_end_to_end_twice_gives_the_same_figures(tmp_path):
   and the shuffled-features control both score near zero, in either order from one code change to
   the next), so what is checked of the learning is that the denoiser's loss falls; the full
   demo's figures (README) show the captions following the images."""
-  import subprocess
   import sys
   from conftest import ROOT
   from pdiff_jax import demo
@@ -364,6 +365,11 @@ def test_demo_fast_end_to_end_twice_gives_the_same_figures(tmp_path):
   assert machine["devices"] == f"{demo.CPU_DEVICES} x cpu"
   # and the times come with the CPU's speed they ran at (it varies within a day here)
   assert len(machine["matmul_tflops_before_after"]) == 2 and min(machine["matmul_tflops_before_after"]) > 0
+  # and with the kind of CPU (the figures can differ on another kind), as lscpu names it
+  lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
+  named = [line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name:")]
+  assert machine["cpu"] and (not named or machine["cpu"] == named[0])
+  assert f"on {machine['cpu']} " in out["a"][0]
 
   # The trained model is a normal workdir: pdiff caption works on it.
   image = sorted((w / "data" / "images" / "test").iterdir())[0]
