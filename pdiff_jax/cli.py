@@ -22,9 +22,9 @@ commands:
   extract --config=CFG [--config.key=value ...]                  CLIP features + vocabulary of every split
   train   --config=CFG --workdir=DIR [--config.key=value ...]   train; resumes from DIR
   caption --workdir=DIR [--num_candidates=N] [--steps=S] [--seed=K] [--solver=ddim|dpmpp2m|dpmpp2m-sde] [--guidance=S]
-          [--length=auto|N|MIN-MAX] [--select=clip|vote|posterior] [--json] IMAGE...
+          [--length=auto|N|MIN-MAX] [--select=clip|vote|posterior|fit] [--json] IMAGE...
   eval    --workdir=DIR [--split=test] [--num_candidates=N] [--steps=S] [--solver=ddim|dpmpp2m|dpmpp2m-sde] [--guidance=S]
-          [--length=auto|N|MIN-MAX] [--select=clip|vote|posterior] [--sweep]
+          [--length=auto|N|MIN-MAX] [--select=clip|vote|posterior|fit] [--sweep]
   score   --results=R.json --references=K [--split=test] [--images=DIR --clip=MODEL] --out=DIR
   bench   [--config=CFG] --out=FILE [--parts=train,sample,clip,pipeline,extract,serve] [--profile_dir=DIR]
           [--solver=NAME] [--guidance=S] [--workdir=DIR (serve)]
@@ -139,8 +139,9 @@ def _sampling_flags(fv: flags.FlagValues) -> None:
                     "ddim is the original's).", flag_values=fv)
   flags.DEFINE_enum("select", None, list(SELECTS), "How the caption is chosen among the "
                     "candidates (default: sampler.select): clip (the original's: highest CLIP "
-                    "cosine), vote (drawn most often, ties by cosine) or posterior (CLIP's softmax "
-                    "summed over each caption's copies).", flag_values=fv)
+                    "cosine), vote (drawn most often, ties by cosine), posterior (CLIP's softmax "
+                    "summed over each caption's copies) or fit (the posterior with the denoiser's "
+                    "reconstruction error of each candidate, sampler.fit_*).", flag_values=fv)
   flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: sampler.guidance; "
                      "1 = none, 0 = unconditional; needs a model trained with model.cond_drop).",
                      flag_values=fv)

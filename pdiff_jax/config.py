@@ -129,8 +129,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.batch_size = 8  # images per sampling call (each with num_candidates chains)
   c.sampler.rerank_clip = ""  # CLIP for reranking; empty = clip.model
   # Which candidate is chosen: "clip" (the original's: highest cosine), "vote" (drawn most often,
-  # ties by cosine) or "posterior" (CLIP's softmax summed over copies); inference.rank_candidates
+  # ties by cosine), "posterior" (CLIP's softmax summed over copies) or "fit" (the posterior's
+  # logits less fit_weight x the denoiser's reconstruction error); inference.rank_candidates
   c.sampler.select = "clip"
+  # "fit": the error at fit_points timesteps over (0, fit_max_t * T], fit_noises noises each
+  # (sampler.denoiser_fit); the values measured best on the demo's val split (BENCHMARKS.md)
+  c.sampler.fit_weight = 500.0
+  c.sampler.fit_max_t = 0.45
+  c.sampler.fit_points = 5
+  c.sampler.fit_noises = 2
 
   c.eval = ml_collections.ConfigDict()
   c.eval.clip_model = ""  # CLIP for CLIP-S / RefCLIP-S; empty = clip.model (then reranking inflates CLIP-S)
@@ -225,6 +232,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"unknown mode {config.sampler.mode!r}; expected one of {', '.join(sampler_lib.MODES)}")
   _check(config.sampler.get("select", "clip") in sampler_lib.SELECTS, "sampler.select",
          f"unknown {config.sampler.get('select')!r}; expected one of {', '.join(sampler_lib.SELECTS)}")
+  _check(config.sampler.get("fit_weight", 500.0) >= 0, "sampler.fit_weight",
+         f"must be >= 0, got {config.sampler.get('fit_weight')}")
+  _check(0 < config.sampler.get("fit_max_t", 0.45) <= 1, "sampler.fit_max_t",
+         f"must be in (0, 1] (a fraction of diffusion.num_steps), got {config.sampler.get('fit_max_t')}")
+  for key in ("fit_points", "fit_noises"):
+    _check(config.sampler.get(key, 1) >= 1, f"sampler.{key}", f"must be >= 1, got {config.sampler.get(key)}")
   _check(config.sampler.batch_size >= 1, "sampler.batch_size",
          f"must be >= 1, got {config.sampler.batch_size}")
   _check(config.sampler.mode != "respace" or config.sampler.steps <= d.num_steps, "sampler.steps",

@@ -172,9 +172,10 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   feats = np.asarray(store.split("test").features, np.float32)
   rng = np.random.default_rng(config.seed)
   perm = rng.permutation(len(feats))
-  shuffled_cands, shuffled_scores = evaluate.sample_split(captioner, feats[perm], feats[perm], n,
-                                                           steps, config.seed, s.eta, progress)
-  shuffled = captioner.rank(shuffled_cands, shuffled_scores, n)
+  by_fit = captioner.select == "fit"
+  shuffled_cands, shuffled_scores, shuffled_fits = evaluate.sample_split(
+      captioner, feats[perm], feats[perm], n, steps, config.seed, s.eta, progress, fit=by_fit)
+  shuffled = captioner.rank(shuffled_cands, shuffled_scores, n, fits=shuffled_fits)
   variants = {
       "model": _scores([e["caption"] for e in entries], cands, refs, attrs),
       "shuffled_features": _scores([r["caption"] for r in shuffled], shuffled_cands, refs, attrs),

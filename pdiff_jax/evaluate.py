@@ -115,10 +115,11 @@ def _gather(local: np.ndarray, per: int, total: int) -> np.ndarray:
 
 def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int, steps: int,
                  seed: int, eta: float, progress: bool, solver: str | None = None,
-                 guidance: float | None = None,
-                 length: str | None = None) -> tuple[list[list[str]], np.ndarray | None]:
-  """Unranked candidate captions (in candidate order) and their rerank cosines (the sampler
-  options as in `Captioner.sampling_options`).
+                 guidance: float | None = None, length: str | None = None,
+                 fit: bool = False) -> tuple[list[list[str]], np.ndarray | None, np.ndarray | None]:
+  """Unranked candidate captions (in candidate order), their rerank cosines and, with `fit` (for
+  `select="fit"`), the denoiser's fit of each (`Captioner.fit`; else None); the sampler options
+  as in `Captioner.sampling_options`.
 
   In a multi-process run each process samples and reranks its own share of the images on its own
   devices, and the shares are gathered, so every process returns the whole split. The result is
@@ -140,14 +141,18 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
   local = np.concatenate(tokens).astype(np.int32)
   decode = lambda ids: [[captioner.bundle.vocab.decode(t) for t in c] for c in ids]
   captions = decode(local)
-  scores = None
+  scores = fits = None
   if n > 1:
     local_scores = (captioner.rerank(rerank_emb[start:stop], captions).astype(np.float32)
                     if len(local) else np.zeros((0, n), np.float32))
     scores = _gather(local_scores, per, len(features))
+    if fit:
+      local_fits = (captioner.fit(features[start:stop], local).astype(np.float32)
+                    if len(local) else np.zeros((0, n), np.float32))
+      fits = _gather(local_fits, per, len(features))
   if jax.process_count() > 1:
     captions = decode(_gather(local, per, len(features)))
-  return captions, scores
+  return captions, scores, fits
 
 
 def evaluate(workdir: str, split: str = "test", num_candidates: int | None = None,
@@ -190,9 +195,10 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
 
   rerank_emb = embeddings(captioner.rerank_clip)
   n_sample = max(n, max(SWEEP_CANDIDATES)) if sweep else n
-  captions, scores = sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta, progress,
-                                  **opts)
-  ranked = captioner.rank(captions, scores, n, select)
+  by_fit = select == "fit"
+  captions, scores, fits = sample_split(captioner, features, rerank_emb, n_sample, steps, seed, eta,
+                                        progress, **opts, fit=by_fit)
+  ranked = captioner.rank(captions, scores, n, select, fits)
 
   lead = jax.process_index() == 0  # every process samples its share; process 0 scores and writes
   eval_clip_name = config.get("eval", {}).get("clip_model", "") or captioner.clip.name
@@ -225,12 +231,12 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
     cider = coco.cider_against({i: e["references"] for i, e in enumerate(entries)}) if lead else None
     sweeps["candidates"] = []
     for k in SWEEP_CANDIDATES:
-      sub = [{**e, **r} for e, r in zip(entries, captioner.rank(captions, scores, k, select))]
+      sub = [{**e, **r} for e, r in zip(entries, captioner.rank(captions, scores, k, select, fits))]
       sweeps["candidates"].append({"n": k, **(_cider_div2(sub, cider) if lead else {})})
     attrs = [truth[e["image_id"]] for e in entries] if truth is not None else None
 
-    def point(cs, sc) -> dict:  # CIDEr and Div-2, and exactly_right on the shapes
-      sub = [{**e, **r} for e, r in zip(entries, captioner.rank(cs, sc, n, select))]
+    def point(cs, sc, fi) -> dict:  # CIDEr and Div-2, and exactly_right on the shapes
+      sub = [{**e, **r} for e, r in zip(entries, captioner.rank(cs, sc, n, select, fi))]
       if not lead:
         return {}
       right = {} if attrs is None else {"exactly_right": exact.shapes_scores(
@@ -240,20 +246,21 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
     sweeps["steps"], sweeps["solvers"] = [], []
     for st in sorted({x for x in SWEEP_STEPS if x <= max(steps, 20)} | {steps}):
       sweeps["steps"].append({"steps": st, **point(*sample_split(
-          captioner, features, rerank_emb, n, st, seed, eta, progress, **opts))})
+          captioner, features, rerank_emb, n, st, seed, eta, progress, **opts, fit=by_fit))})
     for name in sampler_lib.SOLVERS:  # each solver against the steps (the configured one's reused)
       for st in SWEEP_SOLVER_STEPS:
         done = next((p for p in sweeps["steps"] if p["steps"] == st), None)
         if name != opts["solver"] or done is None:
           done = {"steps": st, **point(*sample_split(captioner, features, rerank_emb, n, st, seed,
-                                                     eta, progress, **{**opts, "solver": name}))}
+                                                     eta, progress, **{**opts, "solver": name},
+                                                     fit=by_fit))}
         sweeps["solvers"].append({"solver": name, **done})
     if cfg.cond_drop > 0:  # the fidelity / diversity trade-off of the guidance scale
       sweeps["guidance"] = []
       for g in SWEEP_GUIDANCE:
-        cs, sc = sample_split(captioner, features, rerank_emb, n, steps, seed, eta, progress,
-                              **{**opts, "guidance": g})
-        sub = [{**e, **r} for e, r in zip(entries, captioner.rank(cs, sc, n, select))]
+        cs, sc, fi = sample_split(captioner, features, rerank_emb, n, steps, seed, eta, progress,
+                                  **{**opts, "guidance": g}, fit=by_fit)
+        sub = [{**e, **r} for e, r in zip(entries, captioner.rank(cs, sc, n, select, fi))]
         point = _guidance_point(sub, cider, eval_clip, embeddings(eval_clip), attrs) if lead else {}
         sweeps["guidance"].append({"guidance": g, **point})
     metrics["sweep"] = sweeps

@@ -24,6 +24,7 @@ from PIL import Image
 from pdiff_jax import checkpoint as ckpt_lib
 from pdiff_jax import clip as clip_lib
 from pdiff_jax import config as config_lib
+from pdiff_jax import diffusion
 from pdiff_jax import model as model_lib
 from pdiff_jax import sampler as sampler_lib
 from pdiff_jax import storage
@@ -111,7 +112,8 @@ def check_select(select: str) -> str:
 
 
 def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None, k: int,
-                    select: str = "clip", logit_scale: float | None = None) -> list[dict]:
+                    select: str = "clip", logit_scale: float | None = None,
+                    fits: np.ndarray | None = None, fit_weight: float = 0.0) -> list[dict]:
   """The first k candidates of each image, best first: [{"caption", "candidates"}]. Without
   scores (or k = 1) the first candidate is chosen and its score is None.
 
@@ -123,10 +125,16 @@ def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None
     CLIP's own `logit_scale`), summed over the copies of each caption, that is CLIP's
     probability of a caption times how often the sampler drew it (`logit_scale * cosine +
     log(copies)`): a vote weighted by CLIP, with no weight to tune.
-  Under "vote" and "posterior" each candidate also gets "votes", its number of copies."""
+  - "fit": as "posterior", with `fit_weight` x the denoiser's reconstruction error of the
+    candidate (`fits`, (B, N): `sampler.denoiser_fit`) taken from each logit: CLIP and the
+    denoiser's own reading of the image, each a judge of the caption.
+  Under "vote", "posterior" and "fit" each candidate also gets "votes", its number of copies,
+  and under "fit" its "fit"."""
   check_select(select)
-  if select == "posterior" and scores is not None and k > 1 and logit_scale is None:
-    raise ValueError("select: 'posterior' needs the rerank CLIP's logit_scale")
+  if select in ("posterior", "fit") and scores is not None and k > 1 and logit_scale is None:
+    raise ValueError(f"select: {select!r} needs the rerank CLIP's logit_scale")
+  if select == "fit" and scores is not None and k > 1 and fits is None:
+    raise ValueError("select: 'fit' needs the denoiser's fit of every candidate")
   out = []
   for i, cands in enumerate(captions):
     if k == 1 or scores is None:
@@ -140,12 +148,17 @@ def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None
       elif select == "vote":
         order = np.lexsort((np.arange(k), -score, -votes))
       else:  # log of the softmax mass of each caption's copies (its normaliser left out)
+        logits = logit_scale * score
+        if select == "fit":
+          fit = np.asarray(fits[i, :k], np.float64)
+          logits = logits - fit_weight * fit
         mass = dict.fromkeys(copies, -np.inf)
-        for c, logit in zip(cands, logit_scale * score):
+        for c, logit in zip(cands, logits):
           mass[c] = np.logaddexp(mass[c], logit)
         order = np.argsort(-np.array([mass[c] for c in cands]), kind="stable")
       ranked = [{"caption": cands[j], "score": float(score[j]),
-                 **({} if select == "clip" else {"votes": int(votes[j])})} for j in order]
+                 **({} if select == "clip" else {"votes": int(votes[j])}),
+                 **({"fit": float(fit[j])} if select == "fit" else {})} for j in order]
     out.append({"caption": ranked[0]["caption"], "candidates": ranked})
   return out
 
@@ -166,6 +179,7 @@ class Captioner:
     self.params = jax.device_put(bundle.params, NamedSharding(self.mesh, P()))
     self._samplers: dict[tuple, Any] = {}
     self._length_fn = None
+    self._fit_fn = None
     # Images per sampler call: sampler.batch_size, rounded up to fill the local devices.
     self.sample_batch = clip_lib.round_up(int(bundle.config.sampler.batch_size), self.mesh.devices.size)
 
@@ -252,12 +266,45 @@ class Captioner:
     return np.einsum("bne,be->bn", text, image)
 
   def rank(self, captions: Sequence[Sequence[str]], scores: np.ndarray | None, k: int,
-           select: str | None = None) -> list[dict]:
+           select: str | None = None, fits: np.ndarray | None = None) -> list[dict]:
     """`rank_candidates` by `select` (default: the config's `sampler.select`), with the rerank
-    CLIP's temperature."""
+    CLIP's temperature and, for "fit", `fits` (`fit`) weighted by `sampler.fit_weight`."""
     select = select or self.select
     return rank_candidates(captions, scores, k, select,
-                           self.rerank_clip.logit_scale if select == "posterior" else None)
+                           self.rerank_clip.logit_scale if select in ("posterior", "fit") else None,
+                           fits, float(self.bundle.config.sampler.get("fit_weight", 500.0)))
+
+  def fit(self, features_BF: np.ndarray, tokens_BNL: np.ndarray) -> np.ndarray:
+    """(B, N) `sampler.denoiser_fit` of each image's candidates (token ids), at the config's
+    `sampler.fit_max_t`, `fit_points` and `fit_noises`; in calls of exactly `sample_batch`
+    images, as `sample_tokens`."""
+    if self._fit_fn is None:
+      s, d = self.bundle.config.sampler, self.bundle.config.diffusion
+      schedule = diffusion.make_schedule(d.schedule, d.num_steps)
+      timesteps = sampler_lib.fit_timesteps(d.num_steps, float(s.get("fit_max_t", 0.45)),
+                                            int(s.get("fit_points", 5)))
+      fn = functools.partial(sampler_lib.denoiser_fit, self.bundle.model, schedule=schedule,
+                             timesteps=timesteps, noises=int(s.get("fit_noises", 2)))
+      batch = NamedSharding(self.mesh, P("data"))
+      self._fit_fn = jax.jit(lambda p, f, t: fn(p, f, t),
+                             in_shardings=(NamedSharding(self.mesh, P()), batch, batch),
+                             out_shardings=batch)
+    tokens_BNL = jnp.asarray(tokens_BNL, jnp.int32)
+    return self._in_calls(self._fit_fn, features_BF, tokens_BNL, np.zeros((0, tokens_BNL.shape[1]), np.float32))
+
+  def _in_calls(self, fn, features_BF: np.ndarray, rows_B: jax.Array, empty: np.ndarray) -> np.ndarray:
+    """`fn(params, standardised features, rows)` over calls of exactly `sample_batch` images (the
+    last padded with zero features and copies of its last row), so `fn` compiles once whatever B
+    is; the answers of the real images, concatenated (`empty` when there are none)."""
+    features_BF = self._standardize(features_BF)
+    chunk, out = self.sample_batch, [empty]
+    for start in range(0, len(features_BF), chunk):
+      feats, rows = features_BF[start:start + chunk], rows_B[start:start + chunk]
+      pad = chunk - len(feats)
+      feats = np.concatenate([feats, np.zeros((pad,) + feats.shape[1:], np.float32)])
+      rows = jnp.concatenate([rows, jnp.repeat(rows[-1:], pad, axis=0)])
+      out.append(np.asarray(fn(self.params, jnp.asarray(feats), rows))[:chunk - pad])
+    return np.concatenate(out)
 
   def features(self, images: Sequence[Image.Image]) -> np.ndarray:
     return self.clip.encode_images(self.clip.preprocess(images))
@@ -306,7 +353,8 @@ class Captioner:
                                 guidance, length)
     captions = [[self.bundle.vocab.decode(t) for t in cands] for cands in tokens]
     scores = self.rerank(rerank_emb_BF, captions) if num_candidates > 1 else None
-    return self.rank(captions, scores, num_candidates, select)
+    fits = self.fit(features_BF, tokens) if (select or self.select) == "fit" and scores is not None else None
+    return self.rank(captions, scores, num_candidates, select, fits)
 
   def sample_tokens(self, features_BF: np.ndarray, num_candidates: int, steps: int, seed: int,
                     eta: float, offsets: np.ndarray | None = None, solver: str | None = None,
@@ -324,15 +372,7 @@ class Captioner:
                           length: str | None = None) -> np.ndarray:
     """`sample_tokens` with each image's candidate keys given (B, N): images of different seeds
     (`pdiff serve`'s requests) share a call; in calls of exactly `sample_batch` images."""
-    B, N = keys_BN.shape[:2]
-    features_BF = self._standardize(features_BF)
+    N = keys_BN.shape[1]
     fn = self.sample_fn(steps, eta, solver=solver, guidance=guidance, length=length)
-    chunk = self.sample_batch
-    out = [np.zeros((0, N, int(self.bundle.config.data.max_len)), np.int32)]
-    for start in range(0, B, chunk):
-      feats, keys = features_BF[start:start + chunk], keys_BN[start:start + chunk]
-      pad = chunk - len(feats)  # padding rows: zero features, the last real row's keys
-      feats = np.concatenate([feats, np.zeros((pad,) + feats.shape[1:], np.float32)])
-      keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
-      out.append(np.asarray(fn(self.params, jnp.asarray(feats), keys))[:chunk - pad])
-    return np.concatenate(out)
+    return self._in_calls(fn, features_BF, keys_BN,
+                          np.zeros((0, N, int(self.bundle.config.data.max_len)), np.int32))

@@ -144,7 +144,9 @@ SOLVERS = {"ddim": ddim, "dpmpp2m": lambda eta: dpm_solver_2m(),
            "dpmpp2m-sde": lambda eta: dpm_solver_2m(sde=True)}
 # How the chosen caption is picked among an image's candidates (`sampler.select`, `--select`):
 # `inference.rank_candidates` says what each does.
-SELECTS = ("clip", "vote", "posterior")
+SELECTS = ("clip", "vote", "posterior", "fit")
+# The noises of `denoiser_fit` come from this key: the same for every image, candidate and call.
+_FIT_SEED = 0x666974
 
 
 def make_solver(name: str, eta: float = 1.0) -> Solver:
@@ -297,6 +299,38 @@ def sample_tokens(model, params, clip_BF: jax.Array, keys_BN: jax.Array, sched: 
 
   per_image = jax.vmap(one, in_axes=(None, 0, 0))      # n seeds
   return jax.vmap(per_image, in_axes=(0, 0, 0))(clip_BF, keys_BN, lengths_BN)  # images
+
+
+def fit_timesteps(num_train_steps: int, max_t: float, points: int) -> np.ndarray:
+  """`points` training timesteps evenly spaced over (0, max_t * (T - 1)], the last included."""
+  if not 0.0 < max_t <= 1.0 or points < 1:
+    raise ValueError(f"fit timesteps: need 0 < max_t <= 1 and points >= 1, got {max_t}, {points}")
+  top = max_t * (num_train_steps - 1)
+  return np.maximum(np.rint(top * np.arange(1, points + 1) / points), 1).astype(np.int32)
+
+
+def denoiser_fit(model, params, clip_BF: jax.Array, ids_BNL: jax.Array,
+                 schedule: diffusion.Schedule, timesteps: np.ndarray, noises: int) -> jax.Array:
+  """(B, N) how badly the denoiser reconstructs each candidate caption of each image: the mean
+  squared error of its x0 estimate from x_t ~ q(x_t | x0 = E[w]) against E[w], averaged over
+  `timesteps` x `noises` noisy copies (the diffusion classifier of Li et al., 2023, over the
+  candidates; lower = the denoiser finds the caption likelier for this image). Every image and
+  candidate sees the same noises (`_FIT_SEED`), so they are compared on equal terms and the
+  result does not depend on the batching."""
+  B, N, L = ids_BNL.shape
+  x0_ZLW = model.apply(params, ids_BNL.reshape(B * N, L), method="embed")
+  clip_ZF = jnp.repeat(clip_BF, N, axis=0)
+  t_K = jnp.repeat(jnp.asarray(timesteps, jnp.int32), noises)
+  noise_KLW = jax.random.normal(jax.random.key(_FIT_SEED), (t_K.shape[0],) + x0_ZLW.shape[1:])
+
+  def error(args):
+    t, noise_LW = args
+    t_Z = jnp.full((B * N,), t)
+    x_t = diffusion.q_sample(schedule, x0_ZLW, t_Z, jnp.broadcast_to(noise_LW, x0_ZLW.shape))
+    x0_hat = model.apply(params, x_t, diffusion.model_timestep(t_Z, schedule.num_steps), clip_ZF)
+    return jnp.mean((x0_hat.astype(jnp.float32) - x0_ZLW) ** 2, axis=(1, 2))
+
+  return jnp.mean(jax.lax.map(error, (t_K, noise_KLW)), axis=0).reshape(B, N)
 
 
 def candidate_keys(seed: int, image_offsets: jax.Array, num_candidates: int) -> jax.Array:

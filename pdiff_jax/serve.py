@@ -176,11 +176,16 @@ class Batcher:
     t2 = time.perf_counter()
     captions = [[c.bundle.vocab.decode(t) for t in cands] for cands in tokens]
     scores = c.rerank(emb, captions) if n > 1 else None
+    # the denoiser's fit of every candidate, when a request of the batch chooses by it
+    fits = None
+    if scores is not None and any((job.select or c.select) == "fit" for job in batch):
+      fits = c.fit(feats, tokens)
     ranked = []
     for job in batch:
       k = len(ranked)
-      ranked += c.rank(captions[k:k + len(job.images)],
-                       None if scores is None else scores[k:k + len(job.images)], n, job.select)
+      part = slice(k, k + len(job.images))
+      ranked += c.rank(captions[part], None if scores is None else scores[part], n, job.select,
+                       None if fits is None else fits[part])
     t3 = time.perf_counter()
     self.calls += 1
     self.images += len(pil)

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import run_pdiff, xla_flags
 from pdiff_jax import clip as clip_lib
 from pdiff_jax.checkpoint import CheckpointError
-from pdiff_jax.inference import Captioner, load_bundle
+from pdiff_jax.inference import Captioner, load_bundle, to_image
 from pdiff_jax.model import padded_vocab
 
 # One xdist worker runs every test on the session's trained workdir, so it is built once.
@@ -146,6 +146,45 @@ def test_select_rules_against_their_definitions():
     rank_candidates(caps, cos, 5, "posterior")
 
 
+def test_select_by_fit_against_its_definition():
+  """"fit": the posterior's rule with `fit_weight` x the denoiser's error taken from each logit.
+  By hand: a fit that is worse for "a" turns the posterior's choice; with weight 0 it is the
+  posterior; and on random cases the caption of most mass of exp(scale * cos - w * fit), summed
+  over its copies (scipy's softmax)."""
+  import collections
+  from scipy.special import softmax
+  from pdiff_jax.inference import rank_candidates
+  caps = [["a", "b", "b", "c", "b"]]
+  cos = np.array([[0.9, 0.5, 0.5, 0.8, 0.5]])
+  fits = np.array([[0.30, 0.10, 0.10, 0.05, 0.10]])
+  assert rank_candidates(caps, cos, 5, "posterior", logit_scale=100.0)[0]["caption"] == "a"
+  ranked = rank_candidates(caps, cos, 5, "fit", logit_scale=100.0, fits=fits, fit_weight=500.0)[0]
+  # logits 90 - 150, 3 x (50 - 50), 80 - 25: "c" (55) over "a" (-60) and "b" (log 3)
+  assert [c["caption"] for c in ranked["candidates"]] == ["c", "b", "b", "b", "a"]
+  assert [c["fit"] for c in ranked["candidates"]] == [0.05, 0.1, 0.1, 0.1, 0.3]
+  assert ranked["candidates"][1]["votes"] == 3
+  assert rank_candidates(caps, cos, 5, "fit", logit_scale=100.0, fits=fits, fit_weight=0.0)[0] \
+      ["caption"] == "a"
+  rng = np.random.default_rng(1)
+  for _ in range(300):
+    n, pool = int(rng.integers(2, 9)), [f"caption {i}" for i in range(int(rng.integers(1, 6)))]
+    cands = [pool[i] for i in rng.integers(len(pool), size=n)]
+    value = {c: (float(rng.choice([0.1, 0.2, 0.3])), float(rng.random())) for c in pool}
+    scores = np.array([[value[c][0] for c in cands]], np.float32)
+    fit = np.array([[value[c][1] for c in cands]], np.float32)
+    scale, weight = float(rng.choice([1.0, 23.3])), float(rng.choice([0.0, 3.0, 50.0]))
+    p = softmax(scale * scores[0].astype(np.float64) - weight * fit[0].astype(np.float64))
+    mass = collections.defaultdict(float)
+    for c, pj in zip(cands, p):
+      mass[c] += pj
+    best = max(mass.values())
+    chosen = rank_candidates([cands], scores, n, "fit", logit_scale=scale, fits=fit,
+                             fit_weight=weight)[0]["caption"]
+    assert np.isclose(mass[chosen], best, rtol=1e-9)
+  with pytest.raises(ValueError, match="'fit' needs the denoiser's fit"):
+    rank_candidates(caps, cos, 5, "fit", logit_scale=1.0)
+
+
 def test_select_on_the_captioner(captioner, image_paths):
   """`select=` reorders the same candidates; the choice by vote is a caption drawn most often;
   the posterior uses the rerank CLIP's own temperature; a bad name fails before any work."""
@@ -159,6 +198,21 @@ def test_select_on_the_captioner(captioner, image_paths):
         assert a["candidates"][0]["votes"] == max(c["votes"] for c in a["candidates"])
   scale = captioner.rerank_clip.logit_scale
   assert np.isclose(scale, np.exp(float(captioner.rerank_clip.params["logit_scale"])))
+  # "fit": the same candidates, each with the denoiser's fit, which depends only on the image and
+  # the caption (the same fixed noises everywhere), not on the batch it came in
+  by_fit = captioner.caption(image_paths, num_candidates=6, steps=4, seed=5, select="fit")
+  for a, b in zip(by_fit, by_clip):
+    assert sorted((c["caption"], c["score"]) for c in a["candidates"]) == \
+        sorted((c["caption"], c["score"]) for c in b["candidates"])
+    assert all(np.isfinite(c["fit"]) and c["fit"] > 0 for c in a["candidates"])
+  feats = captioner.features([to_image(p) for p in image_paths])
+  tokens = captioner.sample_tokens(feats, 6, 4, 5, captioner.bundle.config.sampler.eta)
+  fits = captioner.fit(feats, tokens)
+  np.testing.assert_allclose(captioner.fit(feats[1:2], tokens[1:2])[0], fits[1], rtol=1e-5)
+  for i, out in enumerate(by_fit):
+    drawn = [captioner.bundle.vocab.decode(t) for t in tokens[i]]
+    for c in out["candidates"]:
+      assert np.isclose(c["fit"], fits[i, drawn.index(c["caption"])], rtol=1e-5)
   with pytest.raises(ValueError, match="select: unknown 'best'"):
     captioner.caption(image_paths, num_candidates=2, steps=2, select="best")
 

@@ -122,6 +122,40 @@ def test_ddim_step_matches_diffusers():
       np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_denoiser_fit_against_a_loop_over_candidates_and_noises(tiny):
+  """`denoiser_fit` (one vmapped-in-batch, lax.map-over-noises program) against its definition
+  written out one candidate, one timestep and one noise at a time: the mean squared error of the
+  model's x0 from sqrt(abar_t) E[w] + sqrt(1 - abar_t) eps, averaged; the noises are the same for
+  every candidate (so two copies of a caption get the same fit) and independent of the batch."""
+  config, model, params, clip = tiny
+  cfg = model.cfg
+  schedule = diffusion.make_schedule("trunc_cos", 100)
+  ts = S.fit_timesteps(100, 0.45, 3)
+  np.testing.assert_array_equal(ts, [15, 30, 45])
+  ids = jax.random.randint(jax.random.key(3), (3, 4, cfg.max_len), 1, cfg.vocab_size)
+  ids = ids.at[1, 2].set(ids[1, 0])  # a copy
+  fit = jax.jit(lambda p, c, i: S.denoiser_fit(model, p, c, i, schedule, ts, 2))(params, clip, ids)
+  assert fit.shape == (3, 4)
+  noise = np.asarray(jax.random.normal(jax.random.key(S._FIT_SEED), (6, cfg.max_len, cfg.word_dim)))
+  table = np.asarray(params["params"]["word_embedding"], np.float64)
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)
+  one = jax.jit(lambda p, x, t, c: model.apply(p, x[None], t[None], c[None])[0])
+  for b in range(3):
+    for n in range(4):
+      x0 = table[np.asarray(ids[b, n])]
+      errs = []
+      for k, t in enumerate(np.repeat(ts, 2)):
+        x_t = np.sqrt(abar[t]) * x0 + np.sqrt(1 - abar[t]) * noise[k]
+        x0_hat = np.asarray(one(params, jnp.asarray(x_t, jnp.float32), jnp.float32(t * 1000 / 100), clip[b]))
+        errs.append(np.mean((x0_hat - x0) ** 2))
+      np.testing.assert_allclose(fit[b, n], np.mean(errs), rtol=2e-4)
+  assert fit[1, 2] == fit[1, 0]
+  # the copies of a caption under another image fit otherwise (the image is read)
+  assert not np.isclose(fit[0, 0], S.denoiser_fit(model, params, clip[1:2], ids[0:1], schedule, ts, 2)[0, 0])
+  with pytest.raises(ValueError, match="fit timesteps"):
+    S.fit_timesteps(100, 0.0, 3)
+
+
 def test_candidate_keys_do_not_depend_on_batching():
   a = S.candidate_keys(7, jnp.arange(6), 3)
   b = S.candidate_keys(7, jnp.arange(4, 6), 3)
@@ -303,8 +337,11 @@ def test_the_solver_is_a_config_key_and_a_flag(tiny):
   config, model, params, clip = tiny
   with pytest.raises(config_lib.ConfigError, match="sampler.solver"):
     config_lib.validate(load_config("tiny", **{"sampler.solver": "euler"}))
-  with pytest.raises(config_lib.ConfigError, match="sampler.select.*'best'.*clip, vote, posterior"):
+  with pytest.raises(config_lib.ConfigError, match="sampler.select.*'best'.*clip, vote, posterior, fit"):
     config_lib.validate(load_config("tiny", **{"sampler.select": "best"}))
+  for key, bad in (("fit_weight", -1.0), ("fit_max_t", 1.5), ("fit_points", 0), ("fit_noises", 0)):
+    with pytest.raises(config_lib.ConfigError, match=f"sampler.{key}"):
+      config_lib.validate(load_config("tiny", **{f"sampler.{key}": bad}))
   sched = S.make_sampling_schedule("trunc_cos", 100, 5)
   keys = S.candidate_keys(0, jnp.arange(3), 2)
   tokens = jax.jit(lambda p, c, k: S.sample_tokens(model, p, c, k, sched, solver=S.dpm_solver_2m()))(

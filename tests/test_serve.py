@@ -116,13 +116,21 @@ def test_answers_as_caption_json_and_as_a_lone_captioner(server, pngs, trained_w
                              [c["score"] for e in lone for c in e["candidates"]], rtol=1e-4, atol=1e-6)
   # `select` chooses among the same candidates, per request, as the captioner does
   assert info["defaults"]["select"] == "clip"
-  assert info["limits"]["selects"] == ["clip", "vote", "posterior"]  # what the page offers
+  assert info["limits"]["selects"] == ["clip", "vote", "posterior", "fit"]  # what the page offers
   voted = server.post([("image", pngs[0]), ("image", pngs[1])],
                       {"num_candidates": 3, "steps": 4, "seed": 5, "select": "vote"}).json()
   lone = captioner.caption([Image.open(io.BytesIO(b)) for _, b in pngs[:2]], num_candidates=3,
                            steps=4, seed=5, select="vote")
   assert _captions(voted) == [[c["caption"] for c in r["candidates"]] for r in lone]
   assert all("votes" in c for e in voted["results"] for c in e["candidates"])
+  # by the denoiser's fit: the batcher computes it for the whole call, as the captioner per image
+  fitted = server.post([("image", pngs[0]), ("image", pngs[1])],
+                       {"num_candidates": 3, "steps": 4, "seed": 5, "select": "fit"}).json()
+  lone = captioner.caption([Image.open(io.BytesIO(b)) for _, b in pngs[:2]], num_candidates=3,
+                           steps=4, seed=5, select="fit")
+  assert _captions(fitted) == [[c["caption"] for c in r["candidates"]] for r in lone]
+  np.testing.assert_allclose([c["fit"] for e in fitted["results"] for c in e["candidates"]],
+                             [c["fit"] for e in lone for c in e["candidates"]], rtol=1e-4)
 
 
 def test_concurrent_requests_share_calls_and_get_their_lone_captions(server, pngs):
@@ -317,7 +325,7 @@ def test_the_page_in_a_real_browser(server, pngs, tmp_path):
     # the choice among the n: the server's options, its default first, and the votes shown
     from selenium.webdriver.support.ui import Select
     select = Select(browser.find_element(By.ID, "select"))
-    assert [o.get_attribute("value") for o in select.options] == ["clip", "vote", "posterior"]
+    assert [o.get_attribute("value") for o in select.options] == ["clip", "vote", "posterior", "fit"]
     assert select.first_selected_option.get_attribute("value") == "clip"
     select.select_by_value("vote")
     browser.find_element(By.ID, "go").click()
@@ -334,7 +342,7 @@ def test_the_page_in_a_real_browser(server, pngs, tmp_path):
     assert [li.find_element(By.CSS_SELECTOR, "span.votes").text for li in items] == [f"\u00d7{v}" for v in votes]
     # reloading the model information (as a new token does) keeps the user's choice
     assert browser.execute_script("return loadModel().then(() => document.getElementById('select').value)") == "vote"
-    assert len(select.options) == 3
+    assert len(select.options) == 4
     # the server's error is shown as text
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png at all")
