@@ -105,6 +105,6 @@ if __name__ == "__main__":
   parser.add_argument("model_dir")
   parser.add_argument("--images", type=int, default=500)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--select", default=None, help="clip, vote or posterior (default: the model's)")
+  parser.add_argument("--select", default=None, help="clip, vote, posterior or fit (default: the model's)")
   args = parser.parse_args()
   print(json.dumps(score_workdir(args.model_dir, args.images, args.seed, select=args.select), indent=1))

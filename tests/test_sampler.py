@@ -472,5 +472,5 @@ def test_every_config_file_validates():
   assert {"demo", "demo_plus", "paper_coco"} <= set(names)
   for name in names:
     config_lib.validate(load_config(name))
-  assert load_config("demo_plus").sampler.select == "posterior"
+  assert load_config("demo_plus").sampler.select == "fit"
   assert load_config("paper_coco").sampler.select == "clip"  # the original's
