@@ -113,7 +113,7 @@ def check_select(select: str) -> str:
 
 def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None, k: int,
                     select: str = "clip", logit_scale: float | None = None,
-                    fits: np.ndarray | None = None, fit_weight: float = 0.0) -> list[dict]:
+                    fits: np.ndarray | None = None, fit_weight: float | None = None) -> list[dict]:
   """The first k candidates of each image, best first: [{"caption", "candidates"}]. Without
   scores (or k = 1) the first candidate is chosen and its score is None.
 
@@ -133,8 +133,8 @@ def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None
   check_select(select)
   if select in ("posterior", "fit") and scores is not None and k > 1 and logit_scale is None:
     raise ValueError(f"select: {select!r} needs the rerank CLIP's logit_scale")
-  if select == "fit" and scores is not None and k > 1 and fits is None:
-    raise ValueError("select: 'fit' needs the denoiser's fit of every candidate")
+  if select == "fit" and scores is not None and k > 1 and (fits is None or fit_weight is None):
+    raise ValueError("select: 'fit' needs the denoiser's fit of every candidate and its weight")
   out = []
   for i, cands in enumerate(captions):
     if k == 1 or scores is None:

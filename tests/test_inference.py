@@ -183,6 +183,8 @@ def test_select_by_fit_against_its_definition():
     assert np.isclose(mass[chosen], best, rtol=1e-9)
   with pytest.raises(ValueError, match="'fit' needs the denoiser's fit"):
     rank_candidates(caps, cos, 5, "fit", logit_scale=1.0)
+  with pytest.raises(ValueError, match="and its weight"):
+    rank_candidates(caps, cos, 5, "fit", logit_scale=1.0, fits=fits)
 
 
 def test_select_on_the_captioner(captioner, image_paths):

@@ -151,16 +151,17 @@ def _copy_workdir(src, dst):
 @pytest.mark.slow
 @pytest.mark.xdist_group("trained_workdir")
 def test_two_process_eval_equals_one(tmp_path, trained_workdir):
-  """`pdiff eval` as 2 processes: each samples and reranks its share of the images, process 0
-  scores and writes, and captions.json and the metrics equal a single-process eval's."""
+  """`pdiff eval` as 2 processes: each samples and reranks its share of the images (and, chosen
+  by `fit`, scores its share with the denoiser), process 0 scores and writes, and captions.json
+  and the metrics equal a single-process eval's."""
   import json
   from pdiff_jax import evaluate
   one = _copy_workdir(trained_workdir[0], tmp_path / "one")
   two = _copy_workdir(trained_workdir[0], tmp_path / "two")
-  evaluate.evaluate(one, "test", num_candidates=3, steps=5, seed=0, progress=False)
+  evaluate.evaluate(one, "test", num_candidates=3, steps=5, seed=0, progress=False, select="fit")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   r = subprocess.run(["bash", LAUNCH, "2", "eval", f"--workdir={two}", "--split=test", "--num_candidates=3",
-                      "--steps=5"], cwd=ROOT, env={**env, "XLA_FLAGS": xla_flags(1)},
+                      "--steps=5", "--select=fit"], cwd=ROOT, env={**env, "XLA_FLAGS": xla_flags(1)},
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert r.stdout.count("| BLEU-4 |") == 1 and "[process 0] | BLEU-4 |" in r.stdout  # process 0 reports
@@ -172,6 +173,8 @@ def test_two_process_eval_equals_one(tmp_path, trained_workdir):
     # cosines: float32 rounding is absolute (~1e-7), so a score near 0 needs atol, not rtol
     np.testing.assert_allclose([c["score"] for c in x["candidates"]], [c["score"] for c in y["candidates"]],
                                rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([c["fit"] for c in x["candidates"]], [c["fit"] for c in y["candidates"]],
+                               rtol=1e-5, atol=1e-7)
   ma, mb = load(one, "metrics.json"), load(two, "metrics.json")
   for key in ("BLEU-4", "CIDEr", "Div-2", "CLIP-S", "num_images"):
     assert mb[key] == pytest.approx(ma[key], rel=1e-5), key

@@ -156,6 +156,31 @@ def test_denoiser_fit_against_a_loop_over_candidates_and_noises(tiny):
     S.fit_timesteps(100, 0.0, 3)
 
 
+def test_denoiser_fit_at_paper_size_holds_one_noisy_copy_at_a_time():
+  """The paper's 12 x 768 model, a sampling batch of 8 images x 20 candidates, compiled without
+  allocating: the (timestep, noise) pairs run one after the other (lax.map), so the working
+  memory does not grow with their number (it would 40-fold if they were batched)."""
+  config = load_config("paper_coco")
+  model = PrefixDenoiser(config_lib.model_config(config))
+  cfg = model.cfg
+  params = jax.eval_shape(lambda: nn.meta.unbox(model.init(
+      jax.random.key(0), jnp.zeros((1, cfg.max_len, cfg.word_dim)), jnp.zeros((1,)),
+      jnp.zeros((1, cfg.feature_dim)))))
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+  B, N = config.sampler.batch_size, config.sampler.num_candidates
+  clip = jax.ShapeDtypeStruct((B, cfg.feature_dim), jnp.float32)
+  ids = jax.ShapeDtypeStruct((B, N, cfg.max_len), jnp.int32)
+
+  def temp_bytes(points, noises):
+    ts = S.fit_timesteps(config.diffusion.num_steps, 0.45, points)
+    fn = jax.jit(lambda p, c, i: S.denoiser_fit(model, p, c, i, schedule, ts, noises))
+    return fn.lower(params, clip, ids).compile().memory_analysis().temp_size_in_bytes
+
+  one, many = temp_bytes(1, 1), temp_bytes(10, 4)
+  assert many <= 1.05 * one, (one, many)
+  assert many < 1 << 30  # one forward pass of B x N captions: ~240 MB here
+
+
 def test_candidate_keys_do_not_depend_on_batching():
   a = S.candidate_keys(7, jnp.arange(6), 3)
   b = S.candidate_keys(7, jnp.arange(4, 6), 3)
