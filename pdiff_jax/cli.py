@@ -112,7 +112,8 @@ def _cmd_extract(fv: flags.FlagValues) -> int:
   if config.data.source == "synthetic":
     raise config_lib.ConfigError("data.source", "'synthetic' is generated in memory; there is "
                                  "nothing to extract")
-  clip = clip_lib.Clip.load(config.clip.model, image_chunk=config.clip.batch_size)
+  clip = clip_lib.Clip.load(config.clip.model, image_chunk=config.clip.batch_size,
+                            **config_lib.clip_views(config))
 
   def barrier(name: str) -> None:
     if jax.process_count() > 1:

@@ -44,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip = ml_collections.ConfigDict()
   c.clip.model = "openai/clip-vit-large-patch14"
   c.clip.batch_size = 64  # images per CLIP forward pass during extraction
+  # An image's embedding as the mean over views moved by view_shift pixels: 1 (the original), 5
+  # or 9 (clip.py). Off by default; the features, the judge and inference all use it.
+  c.clip.views = 1
+  c.clip.view_shift = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "karpathy:data/coco/dataset_coco.json"
@@ -214,6 +218,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.data.feature_dtype in ("float32", "float16"), "data.feature_dtype",
          f"must be float32 or float16, got {config.data.feature_dtype!r}")
   _check(config.clip.batch_size >= 1, "clip.batch_size", f"must be >= 1, got {config.clip.batch_size}")
+  _check(config.clip.get("views", 1) in (1, 5, 9), "clip.views",
+         f"must be 1, 5 or 9, got {config.clip.get('views')}")
+  _check(config.clip.get("view_shift", 1) >= 1, "clip.view_shift",
+         f"must be >= 1 pixel, got {config.clip.get('view_shift')}")
   _check(config.sampler.get("solver", "ddim") in sampler_lib.SOLVERS, "sampler.solver",
          f"unknown solver {config.sampler.get('solver')!r}; expected one of "
          f"{', '.join(sampler_lib.SOLVERS)}")
@@ -257,6 +265,12 @@ def explicit(config: ml_collections.ConfigDict, key: str, overrides=()) -> bool:
       c = c[part]
     return c
   return key in overrides or get(config) != get(base_config())
+
+
+def clip_views(config: ml_collections.ConfigDict) -> dict:
+  """{"views", "view_shift"} of `config.clip` for `Clip.load` (1 view in configs saved before
+  the keys existed)."""
+  return {"views": int(config.clip.get("views", 1)), "view_shift": int(config.clip.get("view_shift", 1))}
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

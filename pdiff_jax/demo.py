@@ -18,6 +18,7 @@ import numpy as np
 
 from pdiff_jax import clip as clip_lib
 from pdiff_jax import bench, clip_pretrain, evaluate, report, storage, train
+from pdiff_jax import config as config_lib
 from pdiff_jax.data import features, shapes
 from pdiff_jax.metrics import coco, diversity, exact
 
@@ -141,7 +142,8 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   stage("3/6 CLIP features (pdiff extract)")
   manifest_path = os.path.join(config.data.feature_dir, "manifest.json")
   if not os.path.exists(manifest_path):
-    clip = clip_lib.Clip.load(config.clip.model, image_chunk=config.clip.batch_size)
+    clip = clip_lib.Clip.load(config.clip.model, image_chunk=config.clip.batch_size,
+                              **config_lib.clip_views(config))
     features.extract(config, clip, progress=progress)
   store = features.FeatureStore(config.data.feature_dir)
   split_attrs = lambda split: [attributes[m["image_id"]] for m in store.images(split)]

@@ -189,7 +189,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   paths = [m["image"] for m in meta]
 
   def embeddings(clip):
-    if clip.name == captioner.clip.name:
+    if clip.name == captioner.clip.name and clip.views == captioner.clip.views:
       return features  # the store holds exactly this CLIP's image embeddings
     return clip.encode_image_files(paths)
 
@@ -205,6 +205,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   eval_clip = captioner.clip if eval_clip_name == captioner.clip.name else (
       captioner.rerank_clip if eval_clip_name == captioner.rerank_clip.name
       else clip_lib.Clip.load(eval_clip_name))
+  eval_clip = eval_clip.with_views(1)  # CLIP-S is defined on one embedding of the image
   entries = [{"image_id": m["image_id"], "image": m["image"], **r, "references": m["captions"]}
              for m, r in zip(meta, ranked)]
   vocab_size = len(captioner.bundle.vocab)

@@ -189,9 +189,11 @@ class Captioner:
                    devices: Sequence[jax.Device] | None = None) -> "Captioner":
     bundle = load_bundle(workdir, step, devices)
     name = clip or bundle.config.clip.model
-    encoder = clip_lib.Clip.load(name, devices)
+    views = config_lib.clip_views(bundle.config)  # as the training features were encoded
+    encoder = clip_lib.Clip.load(name, devices, **views)
     rerank = rerank_clip or bundle.config.sampler.get("rerank_clip", "") or name
-    return cls(bundle, encoder, encoder if rerank == name else clip_lib.Clip.load(rerank, devices))
+    return cls(bundle, encoder,
+               encoder if rerank == name else clip_lib.Clip.load(rerank, devices, **views))
 
   # -- the pure pieces, for people composing their own loops --------------------------------
 

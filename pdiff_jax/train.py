@@ -297,6 +297,15 @@ def load_splits(config, overrides=()):
     raise config_lib.ConfigError(
         "data.max_len", f"is {d.max_len}, but {d.feature_dir} holds captions of length "
         f"{manifest['max_len']}; extract again or set data.max_len={manifest['max_len']}")
+  views = config_lib.clip_views(config)
+  wanted = {} if views["views"] == 1 else views
+  stored = manifest.get("clip_encoding", {})
+  if stored != wanted:
+    raise config_lib.ConfigError(
+        "clip.views", f"is {views['views']} (view_shift {views['view_shift']}), but the features in "
+        f"{d.feature_dir} are of {stored.get('views', 1)} view(s)"
+        f"{' (view_shift %d)' % stored['view_shift'] if stored else ''}; extract again into another "
+        "data.feature_dir, or set clip.views (and clip.view_shift) as they were")
   m.vocab_size = len(store.vocab)
   val = store.split("val") if manifest["splits"].get("val", {}).get("captions") else None
   train_split = store.split("train")

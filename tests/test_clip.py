@@ -174,3 +174,63 @@ def test_encode_images_async_equals_encode_images(clip_dir):
   got = np.concatenate([first(), second()])
   np.testing.assert_allclose(got, clip.encode_images(pixels), rtol=1e-5, atol=1e-6)
   assert got.shape == (10, clip.embed_dim) and got.dtype == np.float32
+
+
+def _moved_numpy(pixels, dy, dx, shift):
+  """The reference for `clip_lib.moved`: numpy's edge padding, then the window at the offset."""
+  h, w = pixels.shape[2:]
+  padded = np.pad(pixels, ((0, 0), (0, 0), (shift, shift), (shift, shift)), mode="edge")
+  return padded[:, :, shift - dy:shift - dy + h, shift - dx:shift - dx + w]
+
+
+def test_views_move_the_image_by_whole_pixels():
+  import jax.numpy as jnp
+  assert clip_lib.view_offsets(9, 2).tolist() == [[0, 0], [-2, 0], [2, 0], [0, -2], [0, 2],
+                                                  [-2, -2], [-2, 2], [2, -2], [2, 2]]
+  assert clip_lib.view_offsets(5, 1).tolist() == [[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]]
+  assert clip_lib.view_offsets(1, 3).tolist() == [[0, 0]]
+  pixels = np.random.default_rng(0).standard_normal((2, 3, 7, 6)).astype(np.float32)
+  for dy, dx in clip_lib.view_offsets(9, 2):
+    np.testing.assert_array_equal(clip_lib.moved(jnp.asarray(pixels), jnp.asarray([dy, dx]), 2),
+                                  _moved_numpy(pixels, dy, dx, 2))
+  # One pixel to the right: each column takes its left neighbour's, the first repeats itself.
+  right = np.asarray(clip_lib.moved(jnp.asarray(pixels), jnp.asarray([0, 1]), 1))
+  np.testing.assert_array_equal(right[..., 1:], pixels[..., :-1])
+  np.testing.assert_array_equal(right[..., 0], pixels[..., 0])
+  with pytest.raises(ValueError, match="views must be one of"):
+    clip_lib.view_offsets(3, 1)
+  with pytest.raises(ValueError, match="view_shift must be >= 1"):
+    clip_lib.view_offsets(5, 0)
+
+
+@pytest.mark.parametrize("views", [5, 9])
+def test_views_give_the_mean_embedding_of_the_moved_images(clip, views):
+  """5 images (a chunk padded to the 8 devices): the mean of transformers' own image features
+  of each moved copy, made by numpy; texts are encoded as before."""
+  pixels = np.random.default_rng(1).standard_normal((5, 3, 32, 32)).astype(np.float32)
+  many = clip.with_views(views, 2)
+  assert many.encoding == {"views": views, "view_shift": 2} and clip.encoding == {}
+  assert clip.with_views(1) is clip
+  assert all(a is b for a, b in zip(jax.tree.leaves(many.params), jax.tree.leaves(clip.params)))  # shared
+  ref = np.mean([np.asarray(clip.model.get_image_features(
+      pixel_values=_moved_numpy(pixels, dy, dx, 2), params=clip.params))
+      for dy, dx in clip_lib.view_offsets(views, 2)], axis=0)
+  got = many.encode_images(pixels)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+  assert np.abs(got - clip.encode_images(pixels)).max() > 1e-4  # not the one view (10 x the tolerance)
+  np.testing.assert_array_equal(many.encode_texts(["a red circle"]), clip.encode_texts(["a red circle"]))
+
+
+def test_vit_l14_views_encode_one_at_a_time():
+  """ViT-L/14 (abstract) at the default chunk with 9 views: the views run one after another
+  (`lax.map`), so a call's temporaries stay those of one view, not 9 times them."""
+  import jax.numpy as jnp
+  from jax.sharding import Mesh
+  model, params = clip_lib.abstract_clip(clip_lib.KNOWN_CLIPS["openai/clip-vit-large-patch14"])
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  x = jax.ShapeDtypeStruct((clip_lib.IMAGE_CHUNK, 3, 224, 224), jnp.float32)
+  temp = {v: clip_lib.image_encoder(model, mesh, v, 3).lower(params, x).compile()
+          .memory_analysis().temp_size_in_bytes for v in (1, 9)}
+  print(f"ViT-L/14 image tower, chunk {clip_lib.IMAGE_CHUNK}: temporaries "
+        f"{temp[1] / 2**30:.2f} GiB with 1 view, {temp[9] / 2**30:.2f} GiB with 9")
+  assert temp[9] < 1.5 * temp[1], temp

@@ -73,10 +73,10 @@ def test_eval_quality_equals_the_scorers_by_hand(evaluated):
   assert metrics["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
 
 
-def test_clip_s_against_numpy(evaluated, clip_dir):
+def _clip_s_by_hand(captions, clip_dir):
+  """(CLIP-S, RefCLIP-S) of eval's captions.json, by transformers' CLIP and numpy."""
   from transformers import CLIPProcessor, FlaxCLIPModel
   from PIL import Image
-  _, metrics, captions, _ = evaluated
   model = FlaxCLIPModel.from_pretrained(clip_dir)
   proc = CLIPProcessor.from_pretrained(clip_dir)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -91,9 +91,50 @@ def test_clip_s_against_numpy(evaluated, clip_dir):
     r = float(np.max(t[1:] @ t[0]))  # Hessel et al.: the raw cosine, no weight, no clipping
     clip_s.append(s)
     ref_s.append(2 * s * r / (s + r))
-  assert metrics["CLIP-S"] == pytest.approx(np.mean(clip_s), rel=1e-4)
-  assert metrics["RefCLIP-S"] == pytest.approx(np.mean(ref_s), rel=1e-4)
+  return np.mean(clip_s), np.mean(ref_s)
+
+
+def test_clip_s_against_numpy(evaluated, clip_dir):
+  _, metrics, captions, _ = evaluated
+  clip_s, ref_s = _clip_s_by_hand(captions, clip_dir)
+  assert metrics["CLIP-S"] == pytest.approx(clip_s, rel=1e-4)
+  assert metrics["RefCLIP-S"] == pytest.approx(ref_s, rel=1e-4)
   assert metrics["clip_model"] == clip_dir
+
+
+def test_views_from_features_to_the_choice(trained_workdir, clip_dir, tmp_path):
+  """A model trained on features of 5 views (`clip.views`): its captioner encodes images as the
+  store did, eval's scores are cosines with that embedding, and CLIP-S stays the metric of one
+  embedding of the image (by hand, as above)."""
+  import jax
+  from pdiff_jax import clip as clip_lib, config as config_lib, storage, train
+  from pdiff_jax.data import features
+  from pdiff_jax.data.images import load_image
+  from pdiff_jax.inference import Captioner
+  config = config_lib.from_json(storage.read_text(os.path.join(trained_workdir[0], "config.json")))
+  with config.unlocked():
+    config.clip.views = 5
+    config.data.feature_dir = str(tmp_path / "features")
+    config.train.num_steps, config.train.checkpoint_every = 20, 20
+  clip = clip_lib.Clip.load(clip_dir, **config_lib.clip_views(config))
+  features.extract(config, clip, progress=False)
+  workdir = str(tmp_path / "workdir")
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  captioner = Captioner.from_workdir(workdir)
+  assert (captioner.clip.views, captioner.clip.view_shift) == (5, 1)
+  metrics = evaluate.evaluate(workdir, "test", num_candidates=3, steps=5, progress=False,
+                              captioner=captioner)
+  captions = json.load(open(os.path.join(workdir, "eval", "test", "captions.json")))
+  images = [load_image(c["image"]) for c in captions]
+  np.testing.assert_allclose(captioner.features(images), features.FeatureStore(
+      config.data.feature_dir).split("test").features, rtol=1e-5, atol=1e-5)
+  image = clip_lib.normalize(clip.encode_images(clip.preprocess(images)))
+  for c, emb in zip(captions, image):
+    text = clip_lib.normalize(clip.encode_texts([x["caption"] for x in c["candidates"]]))
+    np.testing.assert_allclose([x["score"] for x in c["candidates"]], text @ emb, rtol=1e-4, atol=1e-5)
+  clip_s, ref_s = _clip_s_by_hand(captions, clip_dir)
+  assert metrics["CLIP-S"] == pytest.approx(clip_s, rel=1e-4)
+  assert metrics["RefCLIP-S"] == pytest.approx(ref_s, rel=1e-4)
 
 
 def test_report_has_every_image_and_escapes_text(evaluated):

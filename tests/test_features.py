@@ -130,6 +130,31 @@ def test_a_different_extraction_is_refused(dataset, clip, clip_dir, tmp_path):
                      progress=False)
 
 
+def test_views_are_recorded_and_training_must_use_them(dataset, clip, clip_dir, tmp_path):
+  """Features of 5 views are the view-averaged embeddings; the store says so, another view count
+  is another extraction, and training with another `clip.views` stops with the key named."""
+  config = _config(dataset, clip_dir, tmp_path / "f", **{"clip.views": 5})
+  many = clip.with_views(5, 1)
+  manifest = features.extract(config, many, progress=False)
+  assert manifest["clip_encoding"] == manifest["plan"]["clip_encoding"] == {"views": 5, "view_shift": 1}
+  store = features.FeatureStore(str(tmp_path / "f"))
+  meta = store.images("train")
+  np.testing.assert_allclose(store.split("train").features,
+                             many.encode_images(many.preprocess([load_image(m["image"]) for m in meta])),
+                             rtol=1e-5, atol=1e-5)
+  train.load_splits(config)
+  with pytest.raises(train.config_lib.ConfigError,
+                     match=r"^config.clip.views: is 1 \(view_shift 1\), but .* of 5 view\(s\) \(view_shift 1\)"):
+    train.load_splits(_config(dataset, clip_dir, tmp_path / "f"))
+  with pytest.raises(train.config_lib.ConfigError, match="^config.clip.views: is 5 \\(view_shift 2\\)"):
+    train.load_splits(_config(dataset, clip_dir, tmp_path / "f", **{"clip.views": 5, "clip.view_shift": 2}))
+  with pytest.raises(features.FeatureStoreError, match="different extraction"):
+    features.extract(_config(dataset, clip_dir, tmp_path / "f"), clip, progress=False)
+  # A store of one view records nothing new: those extracted before views existed stay valid.
+  one = features.extract(_config(dataset, clip_dir, tmp_path / "g"), clip, progress=False)
+  assert "clip_encoding" not in one and "clip_encoding" not in one["plan"]
+
+
 def test_training_reads_the_store(dataset, clip, clip_dir, tmp_path):
   config = _config(dataset, clip_dir, tmp_path / "f")
   features.extract(config, clip, progress=False)

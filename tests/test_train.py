@@ -303,6 +303,8 @@ def test_validation_names_the_key():
       "mesh.shape": (-1, -1),
       "data.source": "s3://bucket",
       "model.param_dtype": "bfloat16",
+      "clip.views": 3,
+      "clip.view_shift": 0,
   }
   for key, value in cases.items():
     with pytest.raises(config_lib.ConfigError, match=f"^config.{key}:"):

@@ -4,7 +4,8 @@ Layout of `data.feature_dir` (no pickle anywhere):
   manifest.json               written last: its presence marks a complete store
   vocab.json                  the word vocabulary (built from the train split)
   skipped.json                images that could not be read, with the reason
-  {split}_features.npy        (num_images, F) unnormalised CLIP image embeddings
+  {split}_features.npy        (num_images, F) unnormalised CLIP image embeddings (with
+                              clip.views > 1, the mean over the views; manifest "clip_encoding")
   {split}_ids.npy             (num_captions, max_len) int32 token ids, PAD-padded
   {split}_image_index.npy     (num_captions,) row of {split}_features for each caption
   {split}_images.json         per image: image_id, image, reference captions
@@ -71,7 +72,9 @@ def extract(config, clip, *, process_index: int = 0, process_count: int = 1,
   # Shards depend on the CLIP, the source and the sharding; refuse to mix extractions.
   plan = {"clip_model": clip.name, "source": d.source, "shard_size": int(d.shard_size),
           "image_root": d.image_root, "restval_in_train": bool(d.restval_in_train),
-          "splits": {s: len(r) for s, r in sorted(records.items())}}
+          "splits": {s: len(r) for s, r in sorted(records.items())},
+          # views only when there are several, so that stores of one view stay valid
+          **({"clip_encoding": clip.encoding} if clip.encoding else {})}
   plan_path = storage.join(out, "shards", "plan.json")
   if storage.exists(plan_path):
     if storage.read_json(plan_path) != plan:
@@ -186,6 +189,7 @@ def _merge(config, records, clip, plan: dict) -> dict:
   _write_json(storage.join(out, "skipped.json"), skipped_all)
   manifest = {
       "format_version": FORMAT_VERSION, "clip_model": clip.name, "feature_dim": int(clip.embed_dim),
+      **({"clip_encoding": clip.encoding} if clip.encoding else {}),
       "feature_dtype": d.feature_dtype, "max_len": int(d.max_len), "min_count": int(d.min_count),
       "vocab_size": len(vocab), "vocab_hash": vocab.hash, "source": d.source, "splits": splits,
       "plan": plan,  # what was extracted: the CLIP, source, image root, restval in train, counts
