@@ -2,6 +2,14 @@ r"""The demo with the best of the additions since the paper, as measured on it (
 
   pdiff demo --config=configs/demo_plus.py --workdir=demo_plus
 
+Each image's CLIP embedding is the mean over 9 views, the image and its copies moved by one
+pixel (`clip.views=9`; clip.py): for the features the denoiser trains and samples on, and for
+the choice. On the demo's test split (2026-12-07, an AMD EPYC; the demo's data and CLIP) the
+chosen captions were exactly right 81.0% of the time against 70.8% with one view, and an exactly
+right caption was among the 10 for 95.2% of the images against 86.2%; on the validation split
+79.4% against 68.0%. 5 views gave the probe less (shape of two 77.9% against 80.7%), and views
+2 pixels apart or 13 or 17 views no more.
+
 The demo's sizes, data and steps (configs/demo.py) trained with self-conditioning (p = 0.5), and
 sampled as the original recipe is (DDIM, 20 steps, 10 candidates: the same 20 network
 evaluations per caption); the caption is chosen by `sampler.select=fit` (CLIP's softmax over
@@ -32,6 +40,7 @@ def _demo_config():
 
 def get_config():
   c = _demo_config()
+  c.clip.views = 9
   c.model.self_cond = 0.5
   c.sampler.select = "fit"
   return c
