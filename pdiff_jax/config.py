@@ -273,6 +273,12 @@ def clip_views(config: ml_collections.ConfigDict) -> dict:
   return {"views": int(config.clip.get("views", 1)), "view_shift": int(config.clip.get("view_shift", 1))}
 
 
+def clip_encoding(config: ml_collections.ConfigDict) -> dict:
+  """`Clip.encoding` of a CLIP loaded for `config`: {} for one view, else `clip_views`."""
+  views = clip_views(config)
+  return {} if views["views"] == 1 else views
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   m = config.model
   return ModelConfig(

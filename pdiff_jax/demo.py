@@ -91,6 +91,20 @@ class _Stages:
       log.info("=== %s ===", name)
 
 
+def _features_done(config) -> bool:
+  """Whether an earlier run extracted the features (re-running resumes each stage); they must be
+  of the views `config` asks for, since the demo chooses their directory itself."""
+  if not os.path.exists(os.path.join(config.data.feature_dir, "manifest.json")):
+    return False
+  stored = features.load_manifest(config.data.feature_dir).get("clip_encoding", {})
+  if stored != config_lib.clip_encoding(config):
+    raise config_lib.ConfigError(
+        "clip.views", f"is {config_lib.clip_views(config)['views']}, but "
+        f"{config.data.feature_dir} holds features of {stored.get('views', 1)} view(s) from an "
+        "earlier run; give the demo another --workdir")
+  return True
+
+
 def _scores(chosen, cand_sets, refs, attrs) -> dict:
   q = coco.coco_scores(dict(enumerate(refs)), dict(enumerate(chosen)), spice=False, meteor=False)
   return {"CIDEr": q["CIDEr"], "BLEU-4": q["BLEU-4"], "Div-2": diversity.div_n(cand_sets, 2),
@@ -140,8 +154,7 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
       progress=progress, **CLIP_RECIPE)
 
   stage("3/6 CLIP features (pdiff extract)")
-  manifest_path = os.path.join(config.data.feature_dir, "manifest.json")
-  if not os.path.exists(manifest_path):
+  if not _features_done(config):
     clip = clip_lib.Clip.load(config.clip.model, image_chunk=config.clip.batch_size,
                               **config_lib.clip_views(config))
     features.extract(config, clip, progress=progress)

@@ -6,6 +6,7 @@ for any system's results file (`pdiff score`), so the two agree by construction.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Sequence
@@ -18,6 +19,8 @@ from pdiff_jax.data import shapes
 from pdiff_jax.data.vocab import tokenize
 from pdiff_jax.inference import check_select
 from pdiff_jax.metrics import clipscore, coco, diversity, exact
+
+log = logging.getLogger(__name__)
 
 SWEEP_CANDIDATES = (1, 2, 5, 10, 20)
 SWEEP_STEPS = (5, 10, 20, 50, 100, 200)
@@ -188,10 +191,29 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   features = np.asarray(features, np.float32)
   paths = [m["image"] for m in meta]
 
+  def stored(clip) -> bool:  # the store holds exactly this CLIP's image embeddings
+    return (clip.name == store.manifest["clip_model"]
+            and clip.encoding == store.manifest.get("clip_encoding", {}))
+
   def embeddings(clip):
-    if clip.name == captioner.clip.name and clip.views == captioner.clip.views:
-      return features  # the store holds exactly this CLIP's image embeddings
-    return clip.encode_image_files(paths)
+    return features if stored(clip) else clip.encode_image_files(paths)
+
+  # CLIP-S is of one embedding of the image (Hessel et al.), whatever views the model reads.
+  eval_clip_name = config.get("eval", {}).get("clip_model", "") or captioner.clip.name
+  eval_clip = captioner.clip if eval_clip_name == captioner.clip.name else (
+      captioner.rerank_clip if eval_clip_name == captioner.rerank_clip.name
+      else clip_lib.Clip.load(eval_clip_name))
+  eval_clip = eval_clip.with_views(1)
+  clip_s_views = 1
+  if not stored(eval_clip) and any(p.startswith("tfds:") for p in paths):
+    # A tfds: source's images are records, not files to encode again (checked before sampling).
+    if eval_clip.name != store.manifest["clip_model"]:
+      raise ValueError(f"eval.clip_model={eval_clip_name!r}: the images of "
+                       f"{store.manifest['source']} are not files, so only the store's own CLIP "
+                       "can score them; leave eval.clip_model empty")
+    clip_s_views = captioner.clip.views
+    log.warning("CLIP-S of the stored mean of %d views: the images of %s are not files to "
+                "encode once more", clip_s_views, store.manifest["source"])
 
   rerank_emb = embeddings(captioner.rerank_clip)
   n_sample = max(n, max(SWEEP_CANDIDATES)) if sweep else n
@@ -201,15 +223,13 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
   ranked = captioner.rank(captions, scores, n, select, fits)
 
   lead = jax.process_index() == 0  # every process samples its share; process 0 scores and writes
-  eval_clip_name = config.get("eval", {}).get("clip_model", "") or captioner.clip.name
-  eval_clip = captioner.clip if eval_clip_name == captioner.clip.name else (
-      captioner.rerank_clip if eval_clip_name == captioner.rerank_clip.name
-      else clip_lib.Clip.load(eval_clip_name))
-  eval_clip = eval_clip.with_views(1)  # CLIP-S is defined on one embedding of the image
   entries = [{"image_id": m["image_id"], "image": m["image"], **r, "references": m["captions"]}
              for m, r in zip(meta, ranked)]
   vocab_size = len(captioner.bundle.vocab)
-  metrics = score_captions(entries, vocab_size, eval_clip, embeddings(eval_clip)) if lead else {}
+  metrics = score_captions(entries, vocab_size, eval_clip,
+                           features if clip_s_views > 1 else embeddings(eval_clip)) if lead else {}
+  if lead and clip_s_views > 1:
+    metrics["CLIP-S_views"] = clip_s_views
   truth = shapes.attributes_of_source(store.manifest["source"])
   if truth is not None and lead:  # the synthetic shapes: every image's objects are known
     metrics.update(mark_exact(entries, [truth[e["image_id"]] for e in entries]))

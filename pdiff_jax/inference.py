@@ -172,6 +172,13 @@ class Captioner:
       raise clip_lib.ClipLoadError(
           f"CLIP {clip.name!r} gives {clip.embed_dim}-d embeddings, but the model in this workdir "
           f"was trained on {feature_dim}-d features ({bundle.config.clip.model})")
+    views = config_lib.clip_views(bundle.config)
+    for c in (clip, rerank_clip or clip):
+      if c.encoding != config_lib.clip_encoding(bundle.config):
+        raise clip_lib.ClipLoadError(
+            f"CLIP {c.name!r} encodes images as {c.views} view(s) (view_shift {c.view_shift}), but "
+            f"the model in this workdir was trained on features of clip.views={views['views']} "
+            f"(view_shift {views['view_shift']}); load it with Clip.load(..., views=, view_shift=)")
     self.bundle, self.clip = bundle, clip
     self.rerank_clip = rerank_clip or clip
     self.select = str(bundle.config.sampler.get("select", "clip"))  # see `rank_candidates`

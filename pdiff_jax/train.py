@@ -298,9 +298,8 @@ def load_splits(config, overrides=()):
         "data.max_len", f"is {d.max_len}, but {d.feature_dir} holds captions of length "
         f"{manifest['max_len']}; extract again or set data.max_len={manifest['max_len']}")
   views = config_lib.clip_views(config)
-  wanted = {} if views["views"] == 1 else views
   stored = manifest.get("clip_encoding", {})
-  if stored != wanted:
+  if stored != config_lib.clip_encoding(config):
     raise config_lib.ConfigError(
         "clip.views", f"is {views['views']} (view_shift {views['view_shift']}), but the features in "
         f"{d.feature_dir} are of {stored.get('views', 1)} view(s)"

@@ -46,6 +46,7 @@ def test_bench_tiny_writes_every_figure(tmp_path, clip_dir):
 
   assert b["clip"]["images_per_sec"] > 0 and b["clip"]["model"] == str(clip_dir)
   assert b["clip"]["compile_seconds"] > 0
+  assert b["clip"]["views"] == 1
   # --profile_dir: a trace of each, and where the time went, in the train step's three phases.
   for part, phases in (("train", {"forward", "backward", "rest"}), ("sample", {"rest"})):
     p = b[part]["profile"]
@@ -112,3 +113,11 @@ def test_bench_extract_times_host_path_and_extract_per_thread_count(tmp_path, cl
       r["threads"]["2"]["host_images_per_sec"] / r["threads"]["1"]["host_images_per_sec"])
   assert list(tmp_path.iterdir()) == []
 
+
+
+def test_bench_clip_times_the_configured_views(clip_dir):
+  """`pdiff bench --parts=clip` encodes as extraction will: with clip.views=9, 9 encodings an image."""
+  from pdiff_jax import bench
+  one, nine = (bench.bench_clip(str(clip_dir), 4, repeats=1, views=v) for v in (1, 9))
+  assert (one["views"], nine["views"]) == (1, 9)
+  assert one["images_per_sec"] > 0 and nine["images_per_sec"] > 0

@@ -427,3 +427,23 @@ def test_the_other_renderer_draws_what_its_attributes_say():
     return np.abs(np.diff(arr, axis=1)).mean() + np.abs(np.diff(arr, axis=0)).mean()
   train = [shapes.make_example(rng)[0] for _ in range(60)]
   assert np.median([roughness(i) for i in images]) > 1.4 * np.median([roughness(i) for i in train])
+
+
+def test_the_demo_reuses_features_only_of_the_views_its_config_asks_for(tmp_path):
+  """Re-running resumes a stage whose output is there; features of other views (a demo_plus
+  run in the demo's workdir, say) stop the run with the key named, not after training."""
+  from pdiff_jax import demo
+  from conftest import load_config
+  config = load_config("demo", **{"data.feature_dir": str(tmp_path / "features")})
+  assert not demo._features_done(config)
+  os.makedirs(tmp_path / "features")
+  manifest = tmp_path / "features" / "manifest.json"
+  manifest.write_text(json.dumps({"format_version": 1, "clip_model": "c"}))
+  assert demo._features_done(config)
+  with config.unlocked():
+    config.clip.views = 9
+  with pytest.raises(demo.config_lib.ConfigError, match="^config.clip.views: is 9, but .* 1 view"):
+    demo._features_done(config)
+  manifest.write_text(json.dumps({"format_version": 1, "clip_model": "c",
+                                  "clip_encoding": {"views": 9, "view_shift": 1}}))
+  assert demo._features_done(config)

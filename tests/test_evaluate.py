@@ -135,6 +135,25 @@ def test_views_from_features_to_the_choice(trained_workdir, clip_dir, tmp_path):
   clip_s, ref_s = _clip_s_by_hand(captions, clip_dir)
   assert metrics["CLIP-S"] == pytest.approx(clip_s, rel=1e-4)
   assert metrics["RefCLIP-S"] == pytest.approx(ref_s, rel=1e-4)
+  assert "CLIP-S_views" not in metrics
+
+  # A tfds: source's images are records, not files: CLIP-S is then of the stored mean of the
+  # views, and says so; another eval.clip_model could not read them, and stops before sampling.
+  real = features.FeatureStore.images
+  tfds = lambda self, split: [{**m, "image": f"tfds:coco_captions/{split}/{os.path.basename(m['image'])}"}
+                              for m in real(self, split)]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(features.FeatureStore, "images", tfds)
+    stored = evaluate.evaluate(workdir, "test", num_candidates=3, steps=5, progress=False,
+                               captioner=captioner, out_dir=str(tmp_path / "tfds"))
+    assert stored["CLIP-S_views"] == 5 and stored["CLIP-S"] != pytest.approx(metrics["CLIP-S"], rel=1e-6)
+    with captioner.bundle.config.unlocked():
+      captioner.bundle.config.eval.clip_model = clip_lib.save_small_clip(tmp_path / "other",
+                                                                         projection_dim=32)
+    with pytest.raises(ValueError, match="^eval.clip_model=.*are not files"):
+      evaluate.evaluate(workdir, "test", num_candidates=3, steps=5, progress=False,
+                        captioner=Captioner(captioner.bundle, captioner.clip),
+                        out_dir=str(tmp_path / "other_eval"))
 
 
 def test_report_has_every_image_and_escapes_text(evaluated):

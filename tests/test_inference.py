@@ -219,7 +219,7 @@ def test_select_on_the_captioner(captioner, image_paths):
     captioner.caption(image_paths, num_candidates=2, steps=2, select="best")
 
 
-def test_refusals(trained_workdir, tmp_path):
+def test_refusals(trained_workdir, clip_dir, tmp_path):
   with pytest.raises(CheckpointError, match="not a training workdir"):
     load_bundle(str(tmp_path))
   bad = tmp_path / "bad"
@@ -235,6 +235,20 @@ def test_refusals(trained_workdir, tmp_path):
   other = clip_lib.save_small_clip(tmp_path / "clip64", projection_dim=64)
   with pytest.raises(clip_lib.ClipLoadError, match="64-d embeddings.*32-d features"):
     Captioner.from_workdir(trained_workdir[0], clip=other)
+  # A CLIP that encodes images otherwise than the training features were (clip.views) is refused.
+  with pytest.raises(clip_lib.ClipLoadError, match=r"encodes images as 5 view\(s\).*clip.views=1"):
+    Captioner(load_bundle(trained_workdir[0]), clip_lib.Clip.load(clip_dir, views=5))
+
+
+def test_a_config_saved_before_views_loads_as_one_view(trained_workdir, tmp_path):
+  """A workdir whose config.json predates clip.views / clip.view_shift captions as before."""
+  old = tmp_path / "old"
+  shutil.copytree(trained_workdir[0], old)
+  config = json.loads((old / "config.json").read_text())
+  del config["clip"]["views"], config["clip"]["view_shift"]
+  (old / "config.json").write_text(json.dumps(config))
+  captioner = Captioner.from_workdir(str(old))
+  assert (captioner.clip.views, captioner.clip.encoding) == (1, {})
 
 
 def test_caption_command(trained_workdir, image_paths, tmp_path):
