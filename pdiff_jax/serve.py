@@ -264,6 +264,7 @@ class Service:
     from pdiff_jax import model as model_lib
     return {"workdir": self.workdir, "step": b.step, "vocab_size": len(b.vocab),
             "clip": self.captioner.clip.name, "rerank_clip": self.captioner.rerank_clip.name,
+            "clip_views": {"views": self.captioner.clip.views, "view_shift": self.captioner.clip.view_shift},
             "trainable_params": model_lib.count_params(b.params, b.model.cfg),
             "model": {k: m[k] for k in ("hidden_size", "num_layers", "num_heads", "prefix_len",
                                         "word_dim", "feature_dim")},

@@ -116,6 +116,7 @@ def test_answers_as_caption_json_and_as_a_lone_captioner(server, pngs, trained_w
                              [c["score"] for e in lone for c in e["candidates"]], rtol=1e-4, atol=1e-6)
   # `select` chooses among the same candidates, per request, as the captioner does
   assert info["defaults"]["select"] == "clip"
+  assert info["clip_views"] == {"views": 1, "view_shift": 1}  # as the training features were encoded
   assert info["limits"]["selects"] == ["clip", "vote", "posterior", "fit"]  # what the page offers
   voted = server.post([("image", pngs[0]), ("image", pngs[1])],
                       {"num_candidates": 3, "steps": 4, "seed": 5, "select": "vote"}).json()
