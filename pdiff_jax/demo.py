@@ -94,7 +94,7 @@ class _Stages:
 def _features_done(config) -> bool:
   """Whether an earlier run extracted the features (re-running resumes each stage); they must be
   of the views `config` asks for, since the demo chooses their directory itself."""
-  if not os.path.exists(os.path.join(config.data.feature_dir, "manifest.json")):
+  if not storage.exists(storage.join(config.data.feature_dir, "manifest.json")):
     return False
   stored = features.load_manifest(config.data.feature_dir).get("clip_encoding", {})
   if stored != config_lib.clip_encoding(config):

@@ -117,7 +117,16 @@ def test_bench_extract_times_host_path_and_extract_per_thread_count(tmp_path, cl
 
 def test_bench_clip_times_the_configured_views(clip_dir):
   """`pdiff bench --parts=clip` encodes as extraction will: with clip.views=9, 9 encodings an image."""
-  from pdiff_jax import bench
-  one, nine = (bench.bench_clip(str(clip_dir), 4, repeats=1, views=v) for v in (1, 9))
+  from pdiff_jax import bench, clip as clip_lib
+  built, real = [], clip_lib.image_encoder
+
+  def spy(model, mesh, views=1, view_shift=1):
+    built.append((views, view_shift))
+    return real(model, mesh, views, view_shift)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(clip_lib, "image_encoder", spy)
+    one, nine = (bench.bench_clip(str(clip_dir), 4, repeats=1, views=v) for v in (1, 9))
+  # Clip.load builds its own one-view encoder; the timed ones are the last of each call
+  assert built[-1] == (9, 1) and (1, 1) in built
   assert (one["views"], nine["views"]) == (1, 9)
   assert one["images_per_sec"] > 0 and nine["images_per_sec"] > 0
