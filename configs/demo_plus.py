@@ -43,4 +43,5 @@ def get_config():
   c.clip.views = 9
   c.model.self_cond = 0.5
   c.sampler.select = "fit"
+  c.judge.steps = 6000
   return c

@@ -143,6 +143,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.fit_points = 5
   c.sampler.fit_noises = 2
 
+  # A learned judge of captions on the rerank CLIP's image embedding (judge.py), trained by
+  # `pdiff train` after the denoiser when steps > 0 and used by every ranking; 0 = none (the
+  # original). The rest: images per step, false captions per image, the MLP's size, its lr.
+  c.judge = ml_collections.ConfigDict()
+  c.judge.steps = 0
+  c.judge.batch_size = 128
+  c.judge.negatives = 8
+  c.judge.hidden = 256
+  c.judge.depth = 2
+  c.judge.lr = 1e-3
+
   c.eval = ml_collections.ConfigDict()
   c.eval.clip_model = ""  # CLIP for CLIP-S / RefCLIP-S; empty = clip.model (then reranking inflates CLIP-S)
 
@@ -222,6 +233,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"must be 1, 5 or 9, got {config.clip.get('views')}")
   _check(config.clip.get("view_shift", 1) >= 1, "clip.view_shift",
          f"must be >= 1 pixel, got {config.clip.get('view_shift')}")
+  j = judge_config(config)
+  for key in ("steps", "negatives"):
+    _check(int(j[key]) >= 0, f"judge.{key}", f"must be >= 0, got {j[key]}")
+  for key in ("batch_size", "hidden", "depth"):
+    _check(int(j[key]) >= 1, f"judge.{key}", f"must be a positive integer, got {j[key]}")
+  _check(float(j.lr) > 0, "judge.lr", f"must be > 0, got {j.lr}")
+  if int(j.steps) > 0:  # it learns from the stored embeddings of clip.model (judge.py)
+    _check(config.data.source != "synthetic", "judge.steps",
+           f"is {j.steps}, but data.source=synthetic has no captions to learn from; set it to 0")
+    rerank = config.sampler.get("rerank_clip", "")
+    _check(not rerank or rerank == config.clip.model, "judge.steps",
+           f"is {j.steps}, but sampler.rerank_clip={rerank!r} is not clip.model="
+           f"{config.clip.model!r}, whose stored image embeddings the judge learns from; leave "
+           "sampler.rerank_clip empty or set judge.steps=0")
   _check(config.sampler.get("solver", "ddim") in sampler_lib.SOLVERS, "sampler.solver",
          f"unknown solver {config.sampler.get('solver')!r}; expected one of "
          f"{', '.join(sampler_lib.SOLVERS)}")
@@ -277,6 +302,13 @@ def clip_encoding(config: ml_collections.ConfigDict) -> dict:
   """`Clip.encoding` of a CLIP loaded for `config`: {} for one view, else `clip_views`."""
   views = clip_views(config)
   return {} if views["views"] == 1 else views
+
+
+def judge_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.judge`, with the defaults (steps 0: no judge) in configs saved before it existed."""
+  j = base_config().judge
+  j.update(config.get("judge", {}))
+  return j
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -199,11 +199,12 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   rng = np.random.default_rng(config.seed + 1)
   ref_div2 = diversity.div_n([shapes.captions_for(a, n, rng) for a in attrs], 2)
   report.write_report(os.path.join(workdir, "report.html"), "pdiff demo: Prefix-diffusion on captioned shapes",
-                      metrics, entries, preface=_report_preface(variants, n, steps))
+                      metrics, entries, preface=_report_preface(variants, n, steps, _choice(captioner)))
   stage(None)
   speed.append(bench.matmul_rate() / 1e12)
   summary = {"variants": variants, "ref_Div-2": ref_div2, "clip_probe": probe,
              "num_test_images": len(entries), "num_candidates": n, "sample_steps": steps,
+             "select": captioner.select, "judge": captioner.judge is not None,
              "fast": fast, "eval_metrics": {k: metrics.get(k) for k in evaluate.TABLE_KEYS},
              "seconds": time.perf_counter() - t0, "stage_seconds": stage.seconds,
              "machine": {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -217,16 +218,24 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   return summary
 
 
-def _report_preface(variants: dict, n: int, steps: int) -> str:
+def _report_preface(variants: dict, n: int, steps: int, choice: str) -> str:
   return ("<h2>Summary</h2>"
           f"<p>Test split, {n} candidates x {steps} steps, % of the chosen captions unless said. "
-          "<b>model</b>: the CLIP-reranked candidate; controls: <b>shuffled_features</b> (each image "
+          f"<b>model</b>: the candidate chosen by {choice}; controls: <b>shuffled_features</b> (each image "
           "captioned from another image's features), <b>random_candidate</b> (a random one of the "
           f"{n} instead of the reranked one). <b>grammatical</b>: a sentence of one of the data "
           "set's phrasings; <b>exactly right</b>: and everything it says is true of the image; "
           f"<b>exactly right among n</b>: one of the {n} is; <b>all</b>: over all candidates; "
           "colour, shape: names some and only true ones; size, place (relation or side): of "
           "captions that state one, true.</p>" + report.summary_table(variants))
+
+
+def _choice(captioner) -> str:
+  """How the model's caption is chosen, in words for the report."""
+  by = {"clip": "CLIP's cosine (the original's)", "vote": "vote", "posterior": "CLIP's posterior",
+        "fit": "CLIP's posterior and the denoiser's fit"}[captioner.select]
+  return f"{by} (sampler.select={captioner.select})" + (
+      ", with CLIP's scores from the learned judge (judge.steps)" if captioner.judge is not None else "")
 
 
 def summary_table(summary: dict) -> str:

@@ -244,6 +244,7 @@ def evaluate(workdir: str, split: str = "test", num_candidates: int | None = Non
       "trainable_params": model_lib.count_params(captioner.bundle.params, captioner.bundle.model.cfg),
       "num_candidates": n, "sample_steps": steps, "sample_mode": s.mode, **opts, "select": select, "eta": eta, "seed": seed,
       "split": split, "checkpoint_step": captioner.bundle.step, "rerank_clip": captioner.rerank_clip.name,
+      "judge": captioner.judge is not None,
   })
 
   sweeps = {}

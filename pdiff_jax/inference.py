@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Sequence
 
@@ -25,12 +26,15 @@ from pdiff_jax import checkpoint as ckpt_lib
 from pdiff_jax import clip as clip_lib
 from pdiff_jax import config as config_lib
 from pdiff_jax import diffusion
+from pdiff_jax import judge as judge_lib
 from pdiff_jax import model as model_lib
 from pdiff_jax import sampler as sampler_lib
 from pdiff_jax import storage
 from pdiff_jax.data import images as images_lib
 from pdiff_jax.data.vocab import Vocab
 from pdiff_jax.model import PrefixDenoiser
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -166,7 +170,8 @@ def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None
 class Captioner:
   """Diverse captions for images: n candidates per image, reranked by CLIP."""
 
-  def __init__(self, bundle: Bundle, clip: clip_lib.Clip, rerank_clip: clip_lib.Clip | None = None):
+  def __init__(self, bundle: Bundle, clip: clip_lib.Clip, rerank_clip: clip_lib.Clip | None = None,
+               judge: judge_lib.Judge | None = None):
     feature_dim = bundle.config.model.feature_dim
     if clip.embed_dim != feature_dim:
       raise clip_lib.ClipLoadError(
@@ -181,6 +186,15 @@ class Captioner:
             f"(view_shift {views['view_shift']}); load it with Clip.load(..., views=, view_shift=)")
     self.bundle, self.clip = bundle, clip
     self.rerank_clip = rerank_clip or clip
+    if judge is not None and judge.meta.get("trained_on", {}).get("clip_encoding", {}) != self.rerank_clip.encoding:
+      raise clip_lib.ClipLoadError(
+          f"the judge was trained on image embeddings of "
+          f"{judge.meta['trained_on'].get('clip_encoding', {}).get('views', 1)} view(s), but the "
+          f"rerank CLIP {self.rerank_clip.name!r} encodes {self.rerank_clip.views}")
+    if judge is not None and judge.meta.get("clip_name") != self.rerank_clip.name:
+      log.warning("the judge was trained with CLIP %r; reranking with %r",
+                  judge.meta.get("clip_name"), self.rerank_clip.name)
+    self.judge = judge  # a learned judge of captions (judge.py) scores them instead of the cosine
     self.select = str(bundle.config.sampler.get("select", "clip"))  # see `rank_candidates`
     self.mesh = clip.mesh
     self.params = jax.device_put(bundle.params, NamedSharding(self.mesh, P()))
@@ -193,14 +207,21 @@ class Captioner:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, clip: str | None = None,
                    rerank_clip: str | None = None,
-                   devices: Sequence[jax.Device] | None = None) -> "Captioner":
+                   devices: Sequence[jax.Device] | None = None,
+                   judge: bool | None = None) -> "Captioner":
+    """The model in `workdir` with its CLIP (or `clip`), its rerank CLIP and, when its config
+    trained one (judge.steps > 0) or `judge` is True, its judge of captions (WORKDIR/judge);
+    `judge=False` ranks by the cosine."""
     bundle = load_bundle(workdir, step, devices)
+    if judge is None:
+      judge = config_lib.judge_config(bundle.config).steps > 0
     name = clip or bundle.config.clip.model
     views = config_lib.clip_views(bundle.config)  # as the training features were encoded
     encoder = clip_lib.Clip.load(name, devices, **views)
     rerank = rerank_clip or bundle.config.sampler.get("rerank_clip", "") or name
     return cls(bundle, encoder,
-               encoder if rerank == name else clip_lib.Clip.load(rerank, devices, **views))
+               encoder if rerank == name else clip_lib.Clip.load(rerank, devices, **views),
+               judge_lib.Judge.load(judge_lib.directory(workdir)) if judge else None)
 
   # -- the pure pieces, for people composing their own loops --------------------------------
 
@@ -268,10 +289,12 @@ class Captioner:
     return features_BF
 
   def rerank(self, image_emb_BF: np.ndarray, captions: Sequence[Sequence[str]]) -> np.ndarray:
-    """Cosine (B, N) between each image and each of its candidate captions (rerank CLIP)."""
+    """Cosine (B, N) between each image and each of its candidate captions (rerank CLIP), or
+    with a judge its score, the cosine plus its learned correction (`judge.judged`)."""
     flat = [c for cands in captions for c in cands]
     text = clip_lib.normalize(self.rerank_clip.encode_texts(flat)).reshape(len(captions), -1, self.rerank_clip.embed_dim)
-    image = clip_lib.normalize(np.asarray(image_emb_BF, np.float32))
+    image = (self.judge.embed(image_emb_BF) if self.judge is not None
+             else clip_lib.normalize(np.asarray(image_emb_BF, np.float32)))
     return np.einsum("bne,be->bn", text, image)
 
   def rank(self, captions: Sequence[Sequence[str]], scores: np.ndarray | None, k: int,

@@ -265,6 +265,7 @@ class Service:
     return {"workdir": self.workdir, "step": b.step, "vocab_size": len(b.vocab),
             "clip": self.captioner.clip.name, "rerank_clip": self.captioner.rerank_clip.name,
             "clip_views": {"views": self.captioner.clip.views, "view_shift": self.captioner.clip.view_shift},
+            "judge": self.captioner.judge is not None,
             "trainable_params": model_lib.count_params(b.params, b.model.cfg),
             "model": {k: m[k] for k in ("hidden_size", "num_layers", "num_heads", "prefix_len",
                                         "word_dim", "feature_dim")},

@@ -550,6 +550,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   sizes = dict(plan)
   batches = pipeline.Prefetcher(lambda step: batches_at(step, sizes[step]), [s for s, _ in plan],
                                 depth=int(t.get("prefetch", 2)))
+  stopped = False
   try:
     with jax.set_mesh(mesh):
       for step, n in plan:
@@ -584,6 +585,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
           metrics_log.flush()
         if stopping:
           log.warning("stopped at step %d on request; checkpoint saved", done)
+          stopped = True
           break
         if done % t.eval_every == 0 or done == total:
           evaluate(done)
@@ -599,4 +601,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
       ckpts.close()
     finally:
       metrics_log.close()
+  if not stopped and is_main and config_lib.judge_config(config).steps > 0:
+    # The judge of captions (judge.py) learns from the feature store, not the denoiser: one
+    # process trains it on its own devices, and a finished run trains it once.
+    from pdiff_jax import judge as judge_lib
+    judge_lib.train_for_model(config, workdir, tick=keeper.beat)
   return state
