@@ -10,6 +10,13 @@ right caption was among the 10 for 95.2% of the images against 86.2%; on the val
 79.4% against 68.0%. 5 views gave the probe less (shape of two 77.9% against 80.7%), and views
 2 pixels apart or 13 or 17 views no more.
 
+A learned judge of captions (`judge.steps=6000`; judge.py) scores the candidates in place of
+CLIP's cosine: a small MLP on the image embedding trained, after the denoiser, against false
+captions made from the training captions' bigrams. On the test split of a fresh run
+(2026-12-07, the AMD EPYC, 15.8 min) the chosen captions were exactly right 86.6% of the time
+against 81.0% without it, grammatical 99.8%, colour 99.8%, shape 95.4%; on val 85.0% against
+79.4%.
+
 The demo's sizes, data and steps (configs/demo.py) trained with self-conditioning (p = 0.5), and
 sampled as the original recipe is (DDIM, 20 steps, 10 candidates: the same 20 network
 evaluations per caption); the caption is chosen by `sampler.select=fit` (CLIP's softmax over

@@ -77,9 +77,9 @@ def test_pod_workflow_on_gs(gcs, tmp_path, clip_dir):
   # The trainers use the compilation cache in the gs:// workdir (the default), not the suite's.
   train_env = {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
-  def trainers(num_steps, log_name):
+  def trainers(num_steps, log_name, *extra):
     logs = [open(tmp_path / f"{log_name}{i}.log", "w+") for i in range(2)]
-    return [subprocess.Popen([sys.executable, "-m", "pdiff_jax", *train, f"--config.train.num_steps={num_steps}",
+    return [subprocess.Popen([sys.executable, "-m", "pdiff_jax", *train, *extra, f"--config.train.num_steps={num_steps}",
                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
                              cwd=cwd, env=train_env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)], logs
 
@@ -100,7 +100,8 @@ def test_pod_workflow_on_gs(gcs, tmp_path, clip_dir):
   done = ckpts()[-1]
   assert done >= 4 and done % 4 == 0
 
-  procs, logs = trainers(done + 4, "resumed")
+  # The resumed run also trains a judge of captions (process 0, into the gs:// workdir).
+  procs, logs = trainers(done + 4, "resumed", "--config.judge.steps=20", "--config.judge.batch_size=4")
   codes = [p.wait(timeout=300) for p in procs]
   out = open(logs[0].name).read()
   assert codes == [0, 0], out[-3000:] + open(logs[1].name).read()[-2000:]
@@ -111,7 +112,7 @@ def test_pod_workflow_on_gs(gcs, tmp_path, clip_dir):
   r = pdiff("eval", f"--workdir={workdir}", "--num_candidates=2", "--steps=3")
   assert r.returncode == 0, r.stderr[-3000:]
   metrics = storage.read_json(f"{workdir}/eval/test/metrics.json")
-  assert metrics["num_images"] == 3 and metrics["clip_model"] == f"{g}/clip"
+  assert metrics["num_images"] == 3 and metrics["clip_model"] == f"{g}/clip" and metrics["judge"]
   image = f"{g}/data/images/val2014/COCO_000011.jpg"
   r = pdiff("caption", f"--workdir={workdir}", "--json", "--num_candidates=2", "--steps=3", image)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -119,7 +120,8 @@ def test_pod_workflow_on_gs(gcs, tmp_path, clip_dir):
 
   objects = gcs.objects(BUCKET)
   for name in ("runs/w/config.json", "runs/w/metrics.jsonl", "runs/w/eval/test/captions.json",
-               "runs/w/eval/test/report.html", "features/train_features.npy", "features/vocab.json"):
+               "runs/w/eval/test/report.html", "features/train_features.npy", "features/vocab.json",
+               "runs/w/judge/judge.json", "runs/w/judge/params.msgpack"):
     assert name in objects, name
   assert any(o.startswith("runs/w/tensorboard/events.out.tfevents") for o in objects)
   assert any(o.startswith(f"runs/w/checkpoints/{done + 4}/") for o in objects)
