@@ -446,6 +446,7 @@ def main(argv: list[str]) -> int:
   from pdiff_jax.config import ConfigError
   from pdiff_jax.data.features import FeatureStoreError
   from pdiff_jax.data.sources import SourceError
+  from pdiff_jax.judge import JudgeError
   from pdiff_jax.metrics.coco import MetricError
   from pdiff_jax.train import TrainingDiverged, WorkdirLocked
   try:
@@ -464,7 +465,7 @@ def main(argv: list[str]) -> int:
     print(f"pdiff {command}: {e}", file=sys.stderr)
     return 2
   except (CheckpointError, TrainingDiverged, WorkdirLocked, ClipLoadError, SourceError, FeatureStoreError,
-          MetricError, ScoreInputError, FileNotFoundError, PermissionError) as e:
+          MetricError, ScoreInputError, JudgeError, FileNotFoundError, PermissionError) as e:
     print(f"pdiff {command}: {e}", file=sys.stderr)
     return 1
 

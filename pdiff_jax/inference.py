@@ -191,6 +191,10 @@ class Captioner:
           f"the judge was trained on image embeddings of "
           f"{judge.meta['trained_on'].get('clip_encoding', {}).get('views', 1)} view(s), but the "
           f"rerank CLIP {self.rerank_clip.name!r} encodes {self.rerank_clip.views}")
+    if judge is not None and judge.embed_dim != self.rerank_clip.embed_dim:
+      raise clip_lib.ClipLoadError(
+          f"the judge reads {judge.embed_dim}-d image embeddings, but the rerank CLIP "
+          f"{self.rerank_clip.name!r} gives {self.rerank_clip.embed_dim}-d ones")
     if judge is not None and judge.meta.get("clip_name") != self.rerank_clip.name:
       log.warning("the judge was trained with CLIP %r; reranking with %r",
                   judge.meta.get("clip_name"), self.rerank_clip.name)
@@ -215,6 +219,11 @@ class Captioner:
     bundle = load_bundle(workdir, step, devices)
     if judge is None:
       judge = config_lib.judge_config(bundle.config).steps > 0
+      if judge and not storage.exists(storage.join(judge_lib.directory(workdir), "judge.json")):
+        # Training is still running, or stopped before the judge: rank as without one.
+        log.warning("%s: the config trains a judge of captions (judge.steps), but none is there "
+                    "yet; ranking by the rerank CLIP's cosine", workdir)
+        judge = False
     name = clip or bundle.config.clip.model
     views = config_lib.clip_views(bundle.config)  # as the training features were encoded
     encoder = clip_lib.Clip.load(name, devices, **views)

@@ -40,6 +40,11 @@ from pdiff_jax import storage
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+_EMBED_CHUNK = 256  # rows per compiled call of `Judge.embed`: one compile whatever the batch
+
+
+class JudgeError(RuntimeError):
+  """A judge that is missing or cannot be read (the message names the file)."""
 _ATTEMPTS = 20  # tries at a negative for one image before it takes another image's caption
 
 
@@ -140,10 +145,21 @@ class Judge:
     return jax.jit(lambda p, x: judged(adapter, p, x, self.logit_scale))
 
   def embed(self, image_emb_BD: np.ndarray) -> np.ndarray:
-    return np.asarray(self._embed(self.params, jnp.asarray(image_emb_BD, jnp.float32)))
+    """g(u) of each row, in calls of `_EMBED_CHUNK` rows (the last padded), so that any number
+    of images (a server's batches vary) runs one compiled program."""
+    x = np.asarray(image_emb_BD, np.float32)
+    out = [np.zeros((0, x.shape[1]), np.float32)]
+    for start in range(0, len(x), _EMBED_CHUNK):
+      part = x[start:start + _EMBED_CHUNK]
+      pad = np.ones((_EMBED_CHUNK - len(part), x.shape[1]), np.float32)
+      out.append(np.asarray(self._embed(self.params, np.concatenate([part, pad])))[:len(part)])
+    return np.concatenate(out)
 
   def save(self, directory: str) -> None:
     storage.makedirs(directory)
+    meta_path = storage.path(storage.join(directory, "judge.json"))
+    if meta_path.exists():  # written last: a crash in between leaves no judge, not a mixed one
+      meta_path.unlink()
     storage.write_atomic(storage.join(directory, "params.msgpack"),
                          lambda f: f.write(flax.serialization.to_bytes(self.params)))
     storage.write_json(storage.join(directory, "judge.json"),
@@ -154,22 +170,46 @@ class Judge:
   @classmethod
   def load(cls, directory: str) -> "Judge":
     meta_path = storage.join(directory, "judge.json")
+    if not storage.exists(meta_path):
+      raise JudgeError(f"{directory}: no trained judge (judge.json); `pdiff train` with "
+                       "judge.steps > 0 trains it once the denoiser is done")
     try:
       meta = storage.read_json(meta_path)
+      version = meta.pop("format_version", None)
+      if version != FORMAT_VERSION:
+        raise ValueError(f"format_version {version}; this pdiff reads {FORMAT_VERSION}")
+      hidden, depth = int(meta.pop("hidden")), int(meta.pop("depth"))
+      logit_scale = float(meta.pop("logit_scale"))
       raw = storage.path(storage.join(directory, "params.msgpack")).read_bytes()
-    except FileNotFoundError:
-      raise FileNotFoundError(f"{directory}: no trained judge (judge.json and params.msgpack); "
-                              "train one with `pdiff train` and judge.steps > 0") from None
-    except (OSError, ValueError) as e:
-      raise ValueError(f"{meta_path}: unreadable judge ({e})") from None
-    version = meta.pop("format_version", None)
-    if version != FORMAT_VERSION:
-      raise ValueError(f"{meta_path}: a judge of format_version {version}; this pdiff reads "
-                       f"{FORMAT_VERSION}; train it again with `pdiff train`")
-    hidden, depth = int(meta.pop("hidden")), int(meta.pop("depth"))
-    logit_scale = float(meta.pop("logit_scale"))
-    params = flax.serialization.msgpack_restore(raw)
+      params = flax.serialization.msgpack_restore(raw)
+      if params.get("params", {}).get("Dense_0", {}).get("kernel") is None:
+        raise ValueError("params.msgpack holds no adapter")
+    except Exception as e:  # any unreadable part: one line naming the directory
+      raise JudgeError(f"{directory}: unreadable judge ({type(e).__name__}: {e}); train it again "
+                       "(`pdiff train` with judge.steps > 0 after deleting it)") from None
     return cls(params, hidden, depth, logit_scale, meta)
+
+  @property
+  def embed_dim(self) -> int:
+    return int(np.shape(self.params["params"]["Dense_0"]["kernel"])[0])
+
+
+def fill_negatives(found: list[str], own: Sequence[str], captions: Sequence[Sequence[str]], k: int,
+                   rng: np.random.Generator) -> list[str]:
+  """`found` topped up to `k` with captions of random images that are none of `own` (an image
+  whose captions allow too few edits still gets `k` false captions)."""
+  found, refs = list(found), set(own)
+  for _ in range(100 * k):
+    if len(found) >= k:
+      return found
+    other = captions[int(rng.integers(len(captions)))]
+    text = other[int(rng.integers(len(other)))]
+    if text not in refs:
+      found.append(text)
+  if len(found) < k:
+    raise ValueError(f"found {len(found)} of {k} false captions for an image whose captions are "
+                     f"{list(own)[:3]}: the others' are its own; set judge.negatives lower")
+  return found
 
 
 def train_judge(image_emb_ND: np.ndarray, captions: Sequence[Sequence[str]],
@@ -189,8 +229,11 @@ def train_judge(image_emb_ND: np.ndarray, captions: Sequence[Sequence[str]],
   n = len(captions)
   if len(image_emb_ND) != n:
     raise ValueError(f"{len(image_emb_ND)} image embeddings but captions of {n} images")
-  if batch_size > n:
-    raise ValueError(f"judge.batch_size={batch_size} is more than the {n} training images")
+  if batch_size > n or n < 2:
+    raise ValueError(f"judge.batch_size={batch_size} needs at least that many training images, "
+                     f"and 2 or more; there are {n}")
+  if any(len(cs) == 0 for cs in captions):
+    raise ValueError("every training image needs a caption")
   t0 = time.perf_counter()
   rng = np.random.default_rng(seed)
   flat = [c for cs in captions for c in cs]
@@ -203,13 +246,15 @@ def train_judge(image_emb_ND: np.ndarray, captions: Sequence[Sequence[str]],
   for i, cs in enumerate(captions):
     found = finder.sample(list(cs), negatives, rng)
     short += len(found) < negatives
-    while len(found) < negatives:  # too few edits: another image's caption is a false one too
-      j = int(rng.integers(n))
-      if j != i:
-        found.append(captions[j][rng.integers(len(captions[j]))])
-    neg[i] = [index(t) for t in found]
+    neg[i] = [index(t) for t in fill_negatives(found, cs, captions, negatives, rng)]
+    if i % 4096 == 4095:
+      tick()
   t1 = time.perf_counter()
-  text = clip_lib.normalize(np.asarray(encode_texts(list(texts)), np.float32))
+  order, blocks = list(texts), []
+  for start in range(0, len(order), 65536):  # in blocks, with a heartbeat between them
+    blocks.append(np.asarray(encode_texts(order[start:start + 65536]), np.float32))
+    tick()
+  text = clip_lib.normalize(np.concatenate(blocks))
   image = np.asarray(image_emb_ND, np.float32)
   t2 = time.perf_counter()
   tick()
@@ -267,14 +312,16 @@ def train_for_model(config, workdir: str, tick: Callable[[], None] = lambda: Non
   """Trains the judge of the model in `workdir` on its feature store's train split (the stored
   image embeddings, the captions as the vocabulary decodes them) with the config's CLIP's text
   tower, and saves it to WORKDIR/judge; a judge already there of the same settings and features
-  is kept. The stored embeddings are the ones reranking uses, so the rerank CLIP must be
+  is kept. In a multi-process run every process trains the same judge on one of its devices
+  (from the same seed and data), so none waits on another, and process 0 saves it. The stored embeddings are the ones reranking uses, so the rerank CLIP must be
   `clip.model` (`config.validate` says so)."""
   from pdiff_jax.data import features as features_lib
   config_lib.validate(config)
   store = features_lib.FeatureStore(config.data.feature_dir)
   wanted = {**settings(config), "clip_model": store.manifest["clip_model"],
             "clip_encoding": store.manifest.get("clip_encoding", {}),
-            "vocab_hash": store.manifest["vocab_hash"]}
+            "vocab_hash": store.manifest["vocab_hash"], "feature_dir": storage.uri(config.data.feature_dir),
+            "train_split": store.manifest["splits"]["train"]}
   out = directory(workdir)
   if storage.exists(storage.join(out, "judge.json")):
     try:
@@ -282,8 +329,8 @@ def train_for_model(config, workdir: str, tick: Callable[[], None] = lambda: Non
       if old.meta.get("trained_on") == wanted:
         log.info("judge: %s was trained with these settings on these features; kept", out)
         return old
-    except (OSError, ValueError) as e:
-      log.warning("judge: %s is unreadable (%s); training it again", out, e)
+    except JudgeError as e:
+      log.warning("judge: %s; training it again", e)
   split = store.split("train")
   ids, image_index = np.asarray(split.ids), np.asarray(split.image_index)
   captions: list[list[str]] = [[] for _ in range(len(split.features))]
@@ -291,8 +338,10 @@ def train_for_model(config, workdir: str, tick: Callable[[], None] = lambda: Non
     captions[int(i)].append(store.vocab.decode(row))
   keep = [i for i, c in enumerate(captions) if c]  # an image with no caption teaches nothing
   captions = [captions[i] for i in keep]
+  tick()
   clip = clip_lib.Clip.load(config.clip.model, jax.local_devices()[:1],
                             **config_lib.clip_views(config))
+  tick()
   s = settings(config)
   log.info("judge: %d steps of %d images, %d negatives each, on %d train images",
            s["steps"], s["batch_size"], s["negatives"], len(captions))
@@ -304,5 +353,6 @@ def train_for_model(config, workdir: str, tick: Callable[[], None] = lambda: Non
            ", ".join(f"{k} {v} s" for k, v in info["seconds"].items()))
   judge = Judge(params, s["hidden"], s["depth"], clip.logit_scale,
                 {"trained_on": wanted, "clip_name": clip.name, "train": info})
-  judge.save(out)
+  if jax.process_index() == 0:
+    judge.save(out)
   return judge

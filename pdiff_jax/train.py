@@ -449,6 +449,11 @@ class _Keeper:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices,
                         overrides, keeper: "_Keeper") -> TrainState:
   train_split, val_split, vocab = load_splits(config, overrides=overrides)
+  judge = config_lib.judge_config(config)
+  if judge.steps > 0 and judge.batch_size > len(train_split.features):
+    raise config_lib.ConfigError(  # checked now, not after the denoiser has trained
+        "judge.batch_size", f"is {judge.batch_size}, more than the {len(train_split.features)} "
+        "images of the train split")
   extras = {"vocab": None if vocab is None else {"words": vocab.words, "min_count": vocab.min_count}}
   if config.data.source != "synthetic" and config.data.standardize_features:
     mean, std = features_lib.FeatureStore(config.data.feature_dir).feature_stats()
@@ -601,9 +606,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
       ckpts.close()
     finally:
       metrics_log.close()
-  if not stopped and is_main and config_lib.judge_config(config).steps > 0:
-    # The judge of captions (judge.py) learns from the feature store, not the denoiser: one
-    # process trains it on its own devices, and a finished run trains it once.
+  if not stopped and config_lib.judge_config(config).steps > 0:
+    # The judge of captions (judge.py) learns from the feature store, not the denoiser. Every
+    # process trains the same one on one of its devices (none waits on another at exit), process
+    # 0 saves it, and a finished run trains it once.
     from pdiff_jax import judge as judge_lib
-    judge_lib.train_for_model(config, workdir, tick=keeper.beat)
+
+    def tick() -> None:  # process 0's lock stays alive, and a lost one stops it before saving
+      keeper.beat()
+      if keeper.lost is not None:
+        raise WorkdirLocked(str(keeper.lost))
+    judge_lib.train_for_model(config, workdir, tick=tick)
   return state

@@ -141,8 +141,41 @@ def test_save_load_round_trip(tmp_path):
   assert (back.hidden, back.depth, back.logit_scale, back.meta) == (8, 1, 12.5, judge.meta)
   x = images([(0, 1), (2, 3)], 0)
   np.testing.assert_array_equal(back.embed(x), judge.embed(x))
-  with pytest.raises(FileNotFoundError, match="no trained judge"):
+  # Any number of rows runs one compiled program (a server's batches vary), row by row the same.
+  many = images([(a % 4, (a + 1) % 4) for a in range(300)], 1)
+  np.testing.assert_allclose(back.embed(many)[:2], back.embed(many[:2]), rtol=1e-6)
+  assert back._embed._cache_size() == 1
+  with pytest.raises(judge_lib.JudgeError, match="no trained judge"):
     judge_lib.Judge.load(str(tmp_path / "none"))
+  (tmp_path / "j" / "params.msgpack").write_bytes(b"not msgpack")
+  with pytest.raises(judge_lib.JudgeError, match="unreadable judge"):
+    judge_lib.Judge.load(str(tmp_path / "j"))
+  judge.save(str(tmp_path / "j"))
+  meta = json.loads((tmp_path / "j" / "judge.json").read_text())
+  (tmp_path / "j" / "judge.json").write_text(json.dumps({**meta, "format_version": 99}))
+  with pytest.raises(judge_lib.JudgeError, match="format_version 99"):
+    judge_lib.Judge.load(str(tmp_path / "j"))
+
+
+def test_too_few_edits_take_other_images_captions_never_their_own():
+  """An image whose captions allow no edit gets the other images' captions as its negatives,
+  never one of its own (here "beta" is a caption of two images)."""
+  captions = [["alpha", "beta"], ["beta"], ["gamma"], ["delta"]]
+  for i, own in enumerate(captions):
+    got = judge_lib.fill_negatives([], own, captions, 6, np.random.default_rng(i))
+    assert len(got) == 6 and not set(got) & set(own) and set(got) <= {"alpha", "beta", "gamma", "delta"}
+  assert judge_lib.fill_negatives(["x"], ["a"], captions, 1, np.random.default_rng(0)) == ["x"]
+  with pytest.raises(ValueError, match="set judge.negatives lower"):
+    judge_lib.fill_negatives([], ["a"], [["a"], ["a"]], 1, np.random.default_rng(0))
+  # One-word captions all sit between <s> and </s>: each image's edits are the other words.
+  ids = {"alpha": 0, "beta": 1, "gamma": 2, "delta": 3}
+  encode = lambda texts: np.eye(8, dtype=np.float32)[[ids[t] for t in texts]] + 0.1
+  _, info = judge_lib.train_judge(np.eye(4, 8, dtype=np.float32) + 0.1, captions, encode,
+                                  logit_scale=10.0, steps=3, batch_size=2, negatives=2,
+                                  hidden=4, depth=1, seed=0)
+  assert info["images_short_of_negatives"] == 0 and info["texts"] == 4
+  with pytest.raises(ValueError, match="2 or more"):
+    judge_lib.train_judge(np.ones((1, 8), np.float32), [["a"]], encode, 10.0, steps=1, batch_size=1)
 
 
 def test_config_keys(tiny_config):
@@ -174,8 +207,12 @@ def test_train_trains_it_and_ranking_uses_it(trained_workdir, tmp_path, monkeypa
     config = config_lib.from_json(f.read())
   config.judge = config_lib.judge_config(config)
   config.judge.update({"steps": 60, "batch_size": 4, "negatives": 3, "hidden": 16})
-  with pytest.raises(FileNotFoundError, match="no trained judge"):
+  with pytest.raises(judge_lib.JudgeError, match="no trained judge"):
     Captioner.from_workdir(workdir, judge=True)
+  too_big = config_lib.from_json(config_lib.to_json(config))
+  too_big.judge.batch_size = 13  # the train split has 12 images: refused before any training
+  with pytest.raises(config_lib.ConfigError, match="judge.batch_size"):
+    train.train_and_evaluate(too_big, workdir, devices=jax.devices()[:1])
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   meta = json.load(open(os.path.join(workdir, "judge", "judge.json")))
   assert meta["trained_on"]["steps"] == 60 and meta["train"]["images"] == 12
@@ -184,6 +221,10 @@ def test_train_trains_it_and_ranking_uses_it(trained_workdir, tmp_path, monkeypa
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   monkeypatch.undo()
 
+  # A run that has not trained its judge yet (or was stopped before it) ranks by the cosine.
+  early = str(tmp_path / "early")
+  shutil.copytree(workdir, early, ignore=shutil.ignore_patterns("judge"))
+  assert Captioner.from_workdir(early).judge is None
   judged = Captioner.from_workdir(workdir)  # config.json now says judge.steps = 60
   plain = Captioner.from_workdir(workdir, judge=False)
   assert judged.judge is not None and plain.judge is None
