@@ -72,7 +72,7 @@ def demo_config(base, workdir: str, fast: bool):
     config.train.log_every = 20
     config.optim.warmup_steps = 20
     config.optim.ema_decay = 0.9
-    if config.get("judge", {}).get("steps", 0) > 0:
+    if config.judge.steps > 0:
       config.judge.steps = min(int(config.judge.steps), 200)
       config.judge.batch_size = min(int(config.judge.batch_size), 32)
   return config

@@ -43,9 +43,11 @@ FORMAT_VERSION = 1
 _EMBED_CHUNK = 256  # rows per compiled call of `Judge.embed`: one compile whatever the batch
 
 
+_ATTEMPTS = 20  # tries at a negative for one image before it takes another image's caption
+
+
 class JudgeError(RuntimeError):
   """A judge that is missing or cannot be read (the message names the file)."""
-_ATTEMPTS = 20  # tries at a negative for one image before it takes another image's caption
 
 
 class Negatives:
@@ -212,16 +214,32 @@ def fill_negatives(found: list[str], own: Sequence[str], captions: Sequence[Sequ
   return found
 
 
+def train_call(adapter: Adapter, tx: optax.GradientTransformation, logit_scale: float):
+  """A jitted `f(params, opt_state, images (S, B, D), texts (S, B, D), negatives (S, B, K, D))
+  -> (params, opt_state, losses (S,))`: S steps of `loss_fn` by `lax.scan`."""
+  grad = jax.value_and_grad(functools.partial(loss_fn, adapter, logit_scale=logit_scale))
+
+  def step(carry, batch):
+    params, opt_state = carry
+    loss, g = grad(params, *batch)
+    updates, opt_state = tx.update(g, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  @jax.jit
+  def run(params, opt_state, images, texts, negatives):
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (images, texts, negatives))
+    return params, opt_state, losses
+  return run
+
+
 def train_judge(image_emb_ND: np.ndarray, captions: Sequence[Sequence[str]],
                 encode_texts: Callable[[list[str]], np.ndarray], logit_scale: float, *,
                 steps: int, batch_size: int = 128, negatives: int = 8, hidden: int = 256,
                 depth: int = 2, lr: float = 1e-3, seed: int = 0, steps_per_call: int = 250,
-                corpus: Sequence[str] | None = None,
                 tick: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
   """(params, info) of a judge of N images (their CLIP embeddings and captions).
 
-  Each image gets `negatives` false captions once (`Negatives` of the `corpus`, default all the
-  captions); each step takes `batch_size` images, one of its captions each, and its negatives.
+  Each image gets `negatives` false captions once (`Negatives` of all the captions); each step takes `batch_size` images, one of its captions each, and its negatives.
   Every caption and negative is encoded once by `encode_texts`; the steps run in calls of
   `steps_per_call` (a `lax.scan` over batches gathered here), so memory holds only the
   embeddings and one call's batches. Deterministic in `seed`. `tick` is called after the
@@ -236,8 +254,7 @@ def train_judge(image_emb_ND: np.ndarray, captions: Sequence[Sequence[str]],
     raise ValueError("every training image needs a caption")
   t0 = time.perf_counter()
   rng = np.random.default_rng(seed)
-  flat = [c for cs in captions for c in cs]
-  finder = Negatives(corpus if corpus is not None else flat)
+  finder = Negatives([c for cs in captions for c in cs])
   texts: dict[str, int] = {}
   index = lambda t: texts.setdefault(t, len(texts))
   pos = [[index(c) for c in cs] for cs in captions]
@@ -264,17 +281,7 @@ def train_judge(image_emb_ND: np.ndarray, captions: Sequence[Sequence[str]],
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps),
                    weight_decay=1e-4)
   opt_state = tx.init(params)
-  grad = jax.value_and_grad(functools.partial(loss_fn, adapter, logit_scale=logit_scale))
-
-  @jax.jit
-  def run(params, opt_state, images, texts_, negs):
-    def step(carry, batch):
-      params, opt_state = carry
-      loss, g = grad(params, *batch)
-      updates, opt_state = tx.update(g, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (images, texts_, negs))
-    return params, opt_state, losses
+  run = train_call(adapter, tx, logit_scale)
 
   offsets = np.cumsum([0] + [len(p) for p in pos])
   flat_pos = np.concatenate([np.asarray(p, np.int32) for p in pos])
@@ -313,14 +320,16 @@ def train_for_model(config, workdir: str, tick: Callable[[], None] = lambda: Non
   image embeddings, the captions as the vocabulary decodes them) with the config's CLIP's text
   tower, and saves it to WORKDIR/judge; a judge already there of the same settings and features
   is kept. In a multi-process run every process trains the same judge on one of its devices
-  (from the same seed and data), so none waits on another, and process 0 saves it. The stored embeddings are the ones reranking uses, so the rerank CLIP must be
-  `clip.model` (`config.validate` says so)."""
+  (from the same seed and data), so none waits on another, and process 0 saves it. The stored
+  embeddings are the ones reranking uses, so the rerank CLIP must be `clip.model`
+  (`config.validate` says so)."""
   from pdiff_jax.data import features as features_lib
   config_lib.validate(config)
   store = features_lib.FeatureStore(config.data.feature_dir)
   wanted = {**settings(config), "clip_model": store.manifest["clip_model"],
             "clip_encoding": store.manifest.get("clip_encoding", {}),
-            "vocab_hash": store.manifest["vocab_hash"], "feature_dir": storage.uri(config.data.feature_dir),
+            "vocab_hash": store.manifest["vocab_hash"],
+            "feature_dir": storage.uri(config.data.feature_dir),
             "train_split": store.manifest["splits"]["train"]}
   out = directory(workdir)
   if storage.exists(storage.join(out, "judge.json")):

@@ -606,7 +606,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
       ckpts.close()
     finally:
       metrics_log.close()
-  if not stopped and config_lib.judge_config(config).steps > 0:
+  if not stopped and judge.steps > 0:
     # The judge of captions (judge.py) learns from the feature store, not the denoiser. Every
     # process trains the same one on one of its devices (none waits on another at exit), process
     # 0 saves it, and a finished run trains it once.
