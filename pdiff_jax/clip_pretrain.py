@@ -290,7 +290,7 @@ def false_twins(caption: str, attrs: dict) -> dict[str, list[str]]:
             template.format(**{**slots, slot: other}))
   if "s1" in slots and slots["s1"] != slots["s2"]:
     out["swap"] = [template.format(**{**slots, "s1": slots["s2"], "s2": slots["s1"]})]
-  out = {k: [c for c in v if not exact.check(c, attrs)["exactly_right"]] for k, v in out.items()}
+  out = {k: [c for c in v if not exact.exactly_right(c, attrs)] for k, v in out.items()}
   return {k: v for k, v in out.items() if v}
 
 

@@ -234,3 +234,24 @@ def test_vit_l14_views_encode_one_at_a_time():
   print(f"ViT-L/14 image tower, chunk {clip_lib.IMAGE_CHUNK}: temporaries "
         f"{temp[1] / 2**30:.2f} GiB with 1 view, {temp[9] / 2**30:.2f} GiB with 9")
   assert temp[9] < 1.5 * temp[1], temp
+
+
+def test_repeated_texts_encode_once_and_as_every_row(clip_dir):
+  """Distinct texts are tokenized and encoded once; each row gets exactly the embedding that
+  encoding it among all-distinct texts gives (the same fixed-size chunks)."""
+  clip = clip_lib.Clip.load(clip_dir, text_chunk=8)
+  distinct = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "zebra")]
+  rng = np.random.default_rng(1)
+  texts = [distinct[i] for i in rng.integers(0, len(distinct), 40)]
+  ids, mask = clip.tokenize(texts)
+  one_ids, one_mask = zip(*(clip.tokenize([t]) for t in texts))
+  np.testing.assert_array_equal(ids, np.concatenate(one_ids))
+  np.testing.assert_array_equal(mask, np.concatenate(one_mask))
+  seen = []
+  encode = clip._chunked
+  clip._chunked = lambda fn, arrays, chunk: seen.append(len(arrays[0])) or encode(fn, arrays, chunk)
+  emb = clip.encode_texts(texts)
+  assert seen == [len(set(texts))]  # only the distinct texts reached the text tower
+  clip._chunked = encode
+  np.testing.assert_array_equal(emb, clip.encode_texts(distinct)[[distinct.index(t) for t in texts]])
+  assert clip.tokenize([])[0].shape == (0, clip.max_text_len)

@@ -266,5 +266,10 @@ def test_every_generated_caption_is_exactly_right_and_every_falsified_one_false(
       false = shapes.render_caption(t, _falsified(attrs, rng))
       got = exact.check(false, attrs)
       assert got["grammatical"] and got["exactly_right"] == (false == true), (false, attrs)
+      assert exact.exactly_right(true, attrs) and exact.exactly_right(false, attrs) == (false == true)
       falsified += false != true
   assert falsified > 2000
+  # parses' readings are the caller's own (the checker's cache behind them is not)
+  first = exact.parses("a red circle")
+  first[0]["objects"][0]["color"] = "blue"
+  assert exact.parses("a red circle")[0]["objects"][0]["color"] == "red"

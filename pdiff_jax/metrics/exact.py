@@ -11,6 +11,7 @@ template, built from the templates themselves, so it follows any change to them.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import re
@@ -50,7 +51,13 @@ def patterns() -> tuple[tuple[int, re.Pattern], ...]:
 def parses(caption: str) -> list[dict]:
   """Every reading of `caption` as a template instance: {"objects": [{color, shape[, size]}],
   "side" | "relation"} with "relation" the first object's to the second's; [] if ungrammatical."""
-  text = " ".join(caption.lower().split())
+  return copy.deepcopy(list(_readings(" ".join(caption.lower().split()))))
+
+
+# Cached: the small CLIP's false twins check 563,876 captions of 22,511 distinct texts, and a
+# split's candidates repeat too. Shared between callers, so only read here (`parses` copies).
+@functools.lru_cache(maxsize=1 << 16)
+def _readings(text: str) -> tuple[dict, ...]:
   out = []
   for count, pattern in patterns():
     m = pattern.fullmatch(text)
@@ -69,11 +76,7 @@ def parses(caption: str) -> list[dict]:
     elif g.get("inv"):  # "the {c2} {s2} is {inv} the {c1} {s1}": object 1 is the inverse of 2
       reading["relation"] = shapes.INVERSE[g["inv"]]
     out.append(reading)
-  return out
-
-
-def _matches(said: dict, obj: dict) -> bool:
-  return all(obj[k] == v for k, v in said.items())
+  return tuple(out)
 
 
 def _true_reading(reading: dict, attrs: dict) -> tuple[bool, bool, bool]:
@@ -81,10 +84,9 @@ def _true_reading(reading: dict, attrs: dict) -> tuple[bool, bool, bool]:
   objects are matched to distinct image objects by colour and shape; all true also needs the
   template to be one for the image's number of objects."""
   objs, said = attrs["objects"], reading["objects"]
-  strip = lambda d: {k: v for k, v in d.items() if k != "size"}
   best = (False, False, False)
   for chosen in itertools.permutations(objs, len(said)):
-    if not all(_matches(strip(s), o) for s, o in zip(said, chosen)):
+    if not all(s["color"] == o["color"] and s["shape"] == o["shape"] for s, o in zip(said, chosen)):
       continue
     ok_size = all(s.get("size", o["size"]) == o["size"] for s, o in zip(said, chosen))
     if "side" in reading:
@@ -102,7 +104,7 @@ def check(caption: str, attrs: dict) -> dict:
   "size_ok" / "relation_ok": None when the caption states no size (relation or side), else
   whether a grammatical reading states them truly of the objects it names."""
   words = caption.split()
-  readings = parses(caption)
+  readings = _readings(" ".join(caption.lower().split()))
   results = [_true_reading(r, attrs) for r in readings]
   says_size = any(w in _SIZE_WORDS for w in words)
   says_where = any(w in _RELATION_WORDS for w in words)
@@ -111,10 +113,15 @@ def check(caption: str, attrs: dict) -> dict:
           "relation_ok": any(r[2] for r in results) if says_where else None}
 
 
+def exactly_right(caption: str, attrs: dict) -> bool:
+  """`check(caption, attrs)["exactly_right"]`, computing nothing else."""
+  return any(_true_reading(r, attrs)[0] for r in _readings(" ".join(caption.lower().split())))
+
+
 def _count_ok(caption: str, attrs: dict) -> bool:
   """The caption names as many objects as the image has (a template reading's object count; for
   an ungrammatical caption the number of shape words)."""
-  readings = parses(caption)
+  readings = _readings(" ".join(caption.lower().split()))
   named = len(readings[0]["objects"]) if readings else sum(w in shapes.SHAPES for w in caption.split())
   return named == len(attrs["objects"])
 
