@@ -1,8 +1,12 @@
-r"""The embedded demo: Prefix-diffusion on the synthetic captioned-shapes set with a small CLIP.
+r"""The embedded demo's sizes, with the paper's recipe: Prefix-diffusion on the synthetic
+captioned-shapes set with a small CLIP, one view of each image, no self-conditioning, the caption
+chosen by CLIP's cosine.
 
-  pdiff demo --workdir=demo_out          (or: bash launch/demo.sh)
+  pdiff demo --config=configs/demo.py --workdir=demo_paper
 
 `pdiff demo` fills in the data paths and the CLIP under its workdir; this file holds the sizes.
+`pdiff demo` without --config runs configs/demo_plus.py: these sizes with the additions since
+the paper, the config that meets the demo's quality targets (README).
 A 3-layer, 128-wide denoiser (FFN 512, 16-d words, 12 tokens, k=5 prefix), no dropout, trained
 for 3,000 steps of batch 128 at lr 2e-3 on the CPU (~10 steps/s). At 1,800 steps and lr 1e-3 its
 loss was still falling and a third of its captions were not sentences of the data set's grammar
