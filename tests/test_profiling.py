@@ -66,7 +66,12 @@ def test_summarise_accounts_for_the_step(tmp_path):
   assert p["phase_seconds"]["rest"]["matmul"] == pytest.approx(p["matmul_seconds"])  # no grad here
   assert sum(sum(v.values()) for v in p["phase_seconds"].values()) == pytest.approx(p["op_seconds"])
   assert sum(p["other_seconds_by_primitive"].values()) == pytest.approx(p["op_seconds"] - p["matmul_seconds"])
-  assert p["top_ops"][0]["matmul"] and p["top_ops"][0]["seconds"] > 0
+  # Every op is listed, longest first, with the matmul label the totals use. (Which op is the
+  # longest is the machine's to say: a busy core can stretch the exp past a matmul.)
+  tops = p["top_ops"]
+  assert [o["seconds"] for o in tops] == sorted((o["seconds"] for o in tops), reverse=True)
+  assert tops[-1]["seconds"] > 0 and any(o["matmul"] for o in tops)
+  assert sum(o["seconds"] for o in tops if o["matmul"]) == pytest.approx(p["matmul_seconds"])
   assert "matmul ops" in profiling.table(p, rate=1e11)
   # The HLO is kept beside the trace, and the summary can be made again from the two offline.
   hlo = (tmp_path / "hlo.txt").read_text()
