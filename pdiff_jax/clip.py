@@ -332,9 +332,7 @@ class Clip:
       return np.zeros((0, self.max_text_len), np.int32), np.zeros((0, self.max_text_len), np.int32)
     enc = self.tokenizer(distinct, padding="max_length", truncation=True,
                          max_length=self.max_text_len, return_tensors="np")
-    ids = enc["input_ids"].astype(np.int32).reshape(len(distinct), self.max_text_len)
-    mask = enc["attention_mask"].astype(np.int32).reshape(len(distinct), self.max_text_len)
-    return ids[rows], mask[rows]
+    return enc["input_ids"].astype(np.int32)[rows], enc["attention_mask"].astype(np.int32)[rows]
 
   def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
     """Projected text embeddings (B, E), float32, unnormalised. Each distinct text is encoded

@@ -239,7 +239,8 @@ def train_judge(image_emb_ND: np.ndarray, captions: Sequence[Sequence[str]],
                 tick: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
   """(params, info) of a judge of N images (their CLIP embeddings and captions).
 
-  Each image gets `negatives` false captions once (`Negatives` of all the captions); each step takes `batch_size` images, one of its captions each, and its negatives.
+  Each image gets `negatives` false captions once (`Negatives` of all the captions); each step
+  takes `batch_size` images, one of its captions each, and its negatives.
   Every caption and negative is encoded once by `encode_texts`; the steps run in calls of
   `steps_per_call` (a `lax.scan` over batches gathered here), so memory holds only the
   embeddings and one call's batches. Deterministic in `seed`. `tick` is called after the

@@ -51,7 +51,11 @@ def patterns() -> tuple[tuple[int, re.Pattern], ...]:
 def parses(caption: str) -> list[dict]:
   """Every reading of `caption` as a template instance: {"objects": [{color, shape[, size]}],
   "side" | "relation"} with "relation" the first object's to the second's; [] if ungrammatical."""
-  return copy.deepcopy(list(_readings(" ".join(caption.lower().split()))))
+  return copy.deepcopy(list(_readings_of(caption)))
+
+
+def _readings_of(caption: str) -> tuple[dict, ...]:
+  return _readings(" ".join(caption.lower().split()))
 
 
 # Cached: the small CLIP's false twins check 563,876 captions of 22,511 distinct texts, and a
@@ -104,7 +108,7 @@ def check(caption: str, attrs: dict) -> dict:
   "size_ok" / "relation_ok": None when the caption states no size (relation or side), else
   whether a grammatical reading states them truly of the objects it names."""
   words = caption.split()
-  readings = _readings(" ".join(caption.lower().split()))
+  readings = _readings_of(caption)
   results = [_true_reading(r, attrs) for r in readings]
   says_size = any(w in _SIZE_WORDS for w in words)
   says_where = any(w in _RELATION_WORDS for w in words)
@@ -115,13 +119,13 @@ def check(caption: str, attrs: dict) -> dict:
 
 def exactly_right(caption: str, attrs: dict) -> bool:
   """`check(caption, attrs)["exactly_right"]`, computing nothing else."""
-  return any(_true_reading(r, attrs)[0] for r in _readings(" ".join(caption.lower().split())))
+  return any(_true_reading(r, attrs)[0] for r in _readings_of(caption))
 
 
 def _count_ok(caption: str, attrs: dict) -> bool:
   """The caption names as many objects as the image has (a template reading's object count; for
   an ungrammatical caption the number of shape words)."""
-  readings = _readings(" ".join(caption.lower().split()))
+  readings = _readings_of(caption)
   named = len(readings[0]["objects"]) if readings else sum(w in shapes.SHAPES for w in caption.split())
   return named == len(attrs["objects"])
 
