@@ -165,9 +165,10 @@ def _flags_caption(fv: flags.FlagValues) -> None:
                       flag_values=fv, required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).", flag_values=fv)
   _sampling_flags(fv)
-  flags.DEFINE_boolean("json", False, "Print every candidate with its CLIP score (the judge's "
-                       "score, on the cosine's scale, for a model with a judge: judge.steps), as "
-                       "JSON.", flag_values=fv)
+  flags.DEFINE_boolean("json", False, "Print every candidate with its CLIP cosine (score), best "
+                       "first, as JSON; under another --select or with a judge also its rank in "
+                       "the choice (1: the caption chosen), and the judge's score (judged).",
+                       flag_values=fv)
 
 
 def _cmd_caption(fv: flags.FlagValues, images: list[str]) -> int:

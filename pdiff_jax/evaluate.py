@@ -120,9 +120,10 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
                  seed: int, eta: float, progress: bool, solver: str | None = None,
                  guidance: float | None = None, length: str | None = None,
                  fit: bool = False) -> tuple[list[list[str]], np.ndarray | None, np.ndarray | None]:
-  """Unranked candidate captions (in candidate order), their rerank cosines and, with `fit` (for
-  `select="fit"`), the denoiser's fit of each (`Captioner.fit`; else None); the sampler options
-  as in `Captioner.sampling_options`.
+  """Unranked candidate captions (in candidate order), their rerank scores (`Captioner.rerank`:
+  cosines, with a judge its scores too) and, with `fit` (for `select="fit"`), the denoiser's
+  fit of each (`Captioner.fit`; else None); the sampler options as in
+  `Captioner.sampling_options`.
 
   In a multi-process run each process samples and reranks its own share of the images on its own
   devices, and the shares are gathered, so every process returns the whole split. The result is
@@ -147,7 +148,8 @@ def sample_split(captioner, features: np.ndarray, rerank_emb: np.ndarray, n: int
   scores = fits = None
   if n > 1:
     local_scores = (captioner.rerank(rerank_emb[start:stop], captions).astype(np.float32)
-                    if len(local) else np.zeros((0, n), np.float32))
+                    if len(local) else  # (0, n) cosines, or (0, n, 2) with the judge's scores
+                    np.zeros((0, n) + ((2,) if captioner.judge is not None else ()), np.float32))
     scores = _gather(local_scores, per, len(features))
     if fit:
       local_fits = (captioner.fit(features[start:stop], local).astype(np.float32)

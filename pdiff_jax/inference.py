@@ -118,11 +118,16 @@ def check_select(select: str) -> str:
 def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None, k: int,
                     select: str = "clip", logit_scale: float | None = None,
                     fits: np.ndarray | None = None, fit_weight: float | None = None) -> list[dict]:
-  """The first k candidates of each image, best first: [{"caption", "candidates"}]. Without
-  scores (or k = 1) the first candidate is chosen and its score is None.
+  """The first k candidates of each image: [{"caption": chosen, "candidates"}], the candidates
+  sorted by their CLIP cosine ("score"), best first (CONTRACT.md). Without scores (or k = 1)
+  the first candidate is chosen and its score is None.
 
-  `select` orders them (ties keep the candidates' order):
-  - "clip" (the original's): by CLIP cosine (`scores`).
+  `scores` is (B, N) cosines, or (B, N, 2) with a learned judge (`Captioner.rerank`): the cosine
+  and the judge's score, which then takes the cosine's place in every rule below; each candidate
+  also gets its "judged" score.
+
+  `select` chooses (ties keep the candidates' order):
+  - "clip" (the original's): by CLIP cosine.
   - "vote": by how many of the k candidates are the same caption, then by cosine: the majority
     vote of self-consistency (Wang et al., 2023), which trusts what the sampler says most often.
   - "posterior": by the log of CLIP's softmax over the k candidates (temperature: the rerank
@@ -132,39 +137,55 @@ def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None
   - "fit": as "posterior", with `fit_weight` x the denoiser's reconstruction error of the
     candidate (`fits`, (B, N): `sampler.denoiser_fit`) taken from each logit: CLIP and the
     denoiser's own reading of the image, each a judge of the caption.
-  Under "vote", "posterior" and "fit" each candidate also gets "votes", its number of copies,
-  and under "fit" its "fit"."""
+  Where the choice may differ from the cosine's order (any rule but "clip", or a judge), each
+  candidate gets its "rank" in the rule's order (1: the chosen one; `in_choice_order`). Under
+  "vote", "posterior" and "fit" each also gets "votes", its number of copies, and under "fit"
+  its "fit"."""
   check_select(select)
   if select in ("posterior", "fit") and scores is not None and k > 1 and logit_scale is None:
     raise ValueError(f"select: {select!r} needs the rerank CLIP's logit_scale")
   if select == "fit" and scores is not None and k > 1 and (fits is None or fit_weight is None):
     raise ValueError("select: 'fit' needs the denoiser's fit of every candidate and its weight")
+  judged = scores is not None and np.ndim(scores) == 3
   out = []
   for i, cands in enumerate(captions):
     if k == 1 or scores is None:
-      ranked = [{"caption": cands[0], "score": None}]
-    else:
-      cands, score = list(cands[:k]), np.asarray(scores[i, :k], np.float64)
-      copies = {c: cands.count(c) for c in cands}
-      votes = np.array([copies[c] for c in cands])
-      if select == "clip":
-        order = np.argsort(-score, kind="stable")
-      elif select == "vote":
-        order = np.lexsort((np.arange(k), -score, -votes))
-      else:  # log of the softmax mass of each caption's copies (its normaliser left out)
-        logits = logit_scale * score
-        if select == "fit":
-          fit = np.asarray(fits[i, :k], np.float64)
-          logits = logits - fit_weight * fit
-        mass = dict.fromkeys(copies, -np.inf)
-        for c, logit in zip(cands, logits):
-          mass[c] = np.logaddexp(mass[c], logit)
-        order = np.argsort(-np.array([mass[c] for c in cands]), kind="stable")
-      ranked = [{"caption": cands[j], "score": float(score[j]),
-                 **({} if select == "clip" else {"votes": int(votes[j])}),
-                 **({"fit": float(fit[j])} if select == "fit" else {})} for j in order]
-    out.append({"caption": ranked[0]["caption"], "candidates": ranked})
+      out.append({"caption": cands[0], "candidates": [{"caption": cands[0], "score": None}]})
+      continue
+    cands = list(cands[:k])
+    cosine = np.asarray(scores[i, :k, 0] if judged else scores[i, :k], np.float64)
+    score = np.asarray(scores[i, :k, 1], np.float64) if judged else cosine
+    copies = {c: cands.count(c) for c in cands}
+    votes = np.array([copies[c] for c in cands])
+    if select == "clip":
+      order = np.argsort(-score, kind="stable")
+    elif select == "vote":
+      order = np.lexsort((np.arange(k), -score, -votes))
+    else:  # log of the softmax mass of each caption's copies (its normaliser left out)
+      logits = logit_scale * score
+      if select == "fit":
+        fit = np.asarray(fits[i, :k], np.float64)
+        logits = logits - fit_weight * fit
+      mass = dict.fromkeys(copies, -np.inf)
+      for c, logit in zip(cands, logits):
+        mass[c] = np.logaddexp(mass[c], logit)
+      order = np.argsort(-np.array([mass[c] for c in cands]), kind="stable")
+    rank = np.empty(k, np.int64)
+    rank[order] = np.arange(1, k + 1)
+    ranked = [{"caption": cands[j], "score": float(cosine[j]),
+               **({"judged": float(score[j])} if judged else {}),
+               **({"rank": int(rank[j])} if judged or select != "clip" else {}),
+               **({} if select == "clip" else {"votes": int(votes[j])}),
+               **({"fit": float(fit[j])} if select == "fit" else {})}
+              for j in np.argsort(-cosine, kind="stable")]
+    out.append({"caption": cands[order[0]], "candidates": ranked})
   return out
+
+
+def in_choice_order(candidates: Sequence[dict]) -> list[dict]:
+  """An image's candidates (`rank_candidates`) in the order of the rule that chose among them,
+  the chosen one first; without ranks (select=clip, no judge) that is their order, the cosine's."""
+  return sorted(candidates, key=lambda c: c.get("rank", 0))
 
 
 class Captioner:
@@ -298,13 +319,15 @@ class Captioner:
     return features_BF
 
   def rerank(self, image_emb_BF: np.ndarray, captions: Sequence[Sequence[str]]) -> np.ndarray:
-    """Cosine (B, N) between each image and each of its candidate captions (rerank CLIP), or
-    with a judge its score, the cosine plus its learned correction (`judge.judged`)."""
+    """Cosine (B, N) between each image and each of its candidate captions (rerank CLIP); with a
+    judge (B, N, 2): the cosine and the judge's score, the cosine plus its learned correction
+    (`judge.judged`), each caption encoded once (`rank_candidates` reads either)."""
     flat = [c for cands in captions for c in cands]
     text = clip_lib.normalize(self.rerank_clip.encode_texts(flat)).reshape(len(captions), -1, self.rerank_clip.embed_dim)
-    image = (self.judge.embed(image_emb_BF) if self.judge is not None
-             else clip_lib.normalize(np.asarray(image_emb_BF, np.float32)))
-    return np.einsum("bne,be->bn", text, image)
+    cosine = np.einsum("bne,be->bn", text, clip_lib.normalize(np.asarray(image_emb_BF, np.float32)))
+    if self.judge is None:
+      return cosine
+    return np.stack([cosine, np.einsum("bne,be->bn", text, self.judge.embed(image_emb_BF))], -1)
 
   def rank(self, captions: Sequence[Sequence[str]], scores: np.ndarray | None, k: int,
            select: str | None = None, fits: np.ndarray | None = None) -> list[dict]:
@@ -357,7 +380,8 @@ class Captioner:
               batch_size: int | None = None, solver: str | None = None,
               guidance: float | None = None, length: str | None = None,
               select: str | None = None) -> list[dict]:
-    """[{"caption": best, "candidates": [{"caption", "score"}, ...] best first}, ...] per image.
+    """[{"caption": chosen, "candidates": [{"caption", "score"}, ...]}, ...] per image, the
+    candidates sorted by CLIP cosine, best first (`rank_candidates`).
 
     `solver`, `guidance` and `length` as in `sampling_options`, `select` as in `rank_candidates`
     (default: the config's).

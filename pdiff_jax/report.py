@@ -89,7 +89,9 @@ def _fmt(v) -> str:
 
 
 def _candidate(rank: int, c: dict) -> str:
-  score = "" if c.get("score") is None else f" <span class='score'>{c['score']:.3f}</span>"
+  score = "" if c.get("score") is None else f" <span class='score' title='CLIP cosine'>{c['score']:.3f}</span>"
+  if c.get("judged") is not None:  # the learned judge's score (judge.steps), which the choice used
+    score += f" <span class='score' title='the judge&#39;s score'>judged {c['judged']:.3f}</span>"
   if c.get("votes", 1) > 1:  # chosen by vote or posterior (`sampler.select`): its copies count
     score += f" <span class='score' title='drawn this many times among the candidates'>x{c['votes']}</span>"
   mark = (" <span class='exact' title='every stated attribute is true of the image'>exactly right</span>"
@@ -182,10 +184,12 @@ def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: i
     thumb = _thumbnail(str(item.get("image", ""))) if i < limit else None
     img = (f"<img src='{thumb}' alt='{e(str(item.get('image', '')))}'>" if thumb
            else f"<div class='noimg'>{'no image' if i < limit else e(os.path.basename(str(item.get('image', ''))))}</div>")
-    cands = "".join(_candidate(i, c) for i, c in enumerate(item["candidates"]))
+    # in the order of the rule that chose (`inference.rank_candidates`' "rank"), the chosen first
+    ordered = sorted(item["candidates"], key=lambda c: c.get("rank", 0))
+    cands = "".join(_candidate(i, c) for i, c in enumerate(ordered))
     refs = "".join(f"<li>{e(r)}</li>" for r in item.get("references", []))
     parts.append(f"<div class='item'>{img}<div><h3>{e(str(item.get('image_id', '')))}</h3>"
-                 f"<b>candidates</b> (best first)<ol>{cands}</ol>"
+                 f"<b>candidates</b> (as ranked by the choice)<ol>{cands}</ol>"
                  f"<b>references</b><ul class='refs'>{refs}</ul></div></div>")
   if preface:
     parts.append(table)

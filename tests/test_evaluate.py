@@ -212,7 +212,11 @@ def test_eval_command(trained_workdir):
   m = json.load(open(os.path.join(out, "metrics.json")))
   assert m["num_images"] == 2 and m["num_candidates"] == 3 and m["select"] == "vote"
   for e in json.load(open(os.path.join(out, "captions.json"))):  # chosen by vote: the most copies
-    assert e["candidates"][0]["votes"] == max(c["votes"] for c in e["candidates"])
+    chosen = [c for c in e["candidates"] if c["rank"] == 1]
+    assert len(chosen) == 1 and chosen[0]["caption"] == e["caption"]
+    assert chosen[0]["votes"] == max(c["votes"] for c in e["candidates"])
+    scores = [c["score"] for c in e["candidates"]]  # still listed by cosine, best first
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_report_with_a_summary_first_marks_exact_and_ungrammatical_candidates():
@@ -237,6 +241,14 @@ def test_report_with_a_summary_first_marks_exact_and_ungrammatical_candidates():
   entries[0]["candidates"][0]["votes"], entries[0]["candidates"][1]["votes"] = 3, 1
   items = report.render("t", {}, entries).split("<ol>")[1].split("<li")[1:]
   assert ">x3</span>" in items[0] and ">x1<" not in items[1]
+  # Chosen by another rule or a judge: listed in its order (each "rank"), the chosen one first,
+  # with the judge's score beside the cosine.
+  for c, rank, judged in zip(entries[0]["candidates"], (2, 3, 1), (0.5, 0.4, 0.95)):
+    c["rank"], c["judged"] = rank, judged
+  entries[0]["caption"] = "red red"
+  items = report.render("t", {}, entries).split("<ol>")[1].split("<li")[1:]
+  assert "red red" in items[0] and "chosen" in items[0] and "judged 0.950" in items[0]
+  assert "a red circle" in items[1] and "0.900" in items[1] and "chosen" not in items[1]
 
 
 def test_report_plots_the_guidance_sweep(tmp_path):

@@ -105,15 +105,18 @@ def test_select_rules_against_their_definitions():
   them. The original's order ("clip") stays a plain sort by cosine, without votes."""
   import collections
   from scipy.special import softmax
-  from pdiff_jax.inference import rank_candidates
+  from pdiff_jax.inference import in_choice_order, rank_candidates
   # By hand: "b" is drawn 3 times at a lower cosine than "a".
   caps = [["a", "b", "b", "c", "b"]]
   cos = np.array([[0.9, 0.5, 0.5, 0.8, 0.5]])
   assert rank_candidates(caps, cos, 5)[0]["caption"] == "a"
   assert "votes" not in rank_candidates(caps, cos, 5)[0]["candidates"][0]
   voted = rank_candidates(caps, cos, 5, "vote")[0]
-  assert [c["caption"] for c in voted["candidates"]] == ["b", "b", "b", "a", "c"]
-  assert [c["votes"] for c in voted["candidates"]] == [3, 3, 3, 1, 1]
+  assert voted["caption"] == "b"
+  assert [c["caption"] for c in in_choice_order(voted["candidates"])] == ["b", "b", "b", "a", "c"]
+  # CONTRACT.md: the candidates are listed by cosine, best first, whatever chose
+  assert [c["caption"] for c in voted["candidates"]] == ["a", "c", "b", "b", "b"]
+  assert [(c["votes"], c["rank"]) for c in voted["candidates"]] == [(1, 4), (1, 5), (3, 1), (3, 2), (3, 3)]
   # 3 e^0.5 > e^0.9 at a temperature of 1; at 100 the cosine gap outweighs the copies.
   assert rank_candidates(caps, cos, 5, "posterior", logit_scale=1.0)[0]["caption"] == "b"
   assert rank_candidates(caps, cos, 5, "posterior", logit_scale=100.0)[0]["caption"] == "a"
@@ -136,14 +139,43 @@ def test_select_rules_against_their_definitions():
     ranked = rank_candidates([cands], scores, n, "posterior", logit_scale=scale)[0]
     assert ranked["caption"] == cands[post]
     assert sorted(c["caption"] for c in ranked["candidates"]) == sorted(cands)  # all kept
-    masses = [mass[c["caption"]] for c in ranked["candidates"]]
+    masses = [mass[c["caption"]] for c in in_choice_order(ranked["candidates"])]
     assert all(a >= b - 1e-12 for a, b in zip(masses, masses[1:]))
+    assert sorted(c["rank"] for c in ranked["candidates"]) == list(range(1, n + 1))
+    assert [c["score"] for c in ranked["candidates"]] == sorted(scores[0].tolist(), reverse=True)
     assert [c["caption"] for c in rank_candidates([cands], scores, n)[0]["candidates"]] == \
         [cands[j] for j in np.argsort(-scores[0], kind="stable")]
   with pytest.raises(ValueError, match="select: unknown 'best'"):
     rank_candidates(caps, cos, 5, "best")
   with pytest.raises(ValueError, match="logit_scale"):
     rank_candidates(caps, cos, 5, "posterior")
+
+
+def test_a_judge_chooses_and_the_cosine_orders():
+  """With a judge, `rerank`'s (B, N, 2) scores: every rule reads the judge's score where it
+  read the cosine, and the candidates are still listed by cosine, best first (CONTRACT.md),
+  each with its "judged" score and its "rank" in the choice."""
+  from pdiff_jax.inference import in_choice_order, rank_candidates
+  caps = [["a", "b", "c"], ["d", "e", "e"]]
+  cos = np.array([[0.9, 0.5, 0.7], [0.2, 0.3, 0.3]])
+  judged = np.array([[0.1, 0.8, 0.4], [0.9, 0.1, 0.1]])
+  both = np.stack([cos, judged], -1)
+  for select, kw in (("clip", {}), ("vote", {}), ("posterior", {"logit_scale": 50.0}),
+                     ("fit", {"logit_scale": 50.0, "fits": np.zeros((2, 3)), "fit_weight": 1.0})):
+    got, by_judge = rank_candidates(caps, both, 3, select, **kw), rank_candidates(caps, judged, 3, select, **kw)
+    for g, j in zip(got, by_judge):
+      assert g["caption"] == j["caption"]
+      assert [c["caption"] for c in in_choice_order(g["candidates"])] == \
+          [c["caption"] for c in in_choice_order(j["candidates"])]
+      assert [c["score"] for c in g["candidates"]] == sorted((c["score"] for c in g["candidates"]), reverse=True)
+      assert in_choice_order(g["candidates"])[0]["caption"] == g["caption"]
+  got = rank_candidates(caps, both, 3)
+  assert [g["caption"] for g in got] == ["b", "d"]  # not "a" and "e", the cosine's
+  assert got[0]["candidates"] == [{"caption": "a", "score": 0.9, "judged": 0.1, "rank": 3},
+                                  {"caption": "c", "score": 0.7, "judged": 0.4, "rank": 2},
+                                  {"caption": "b", "score": 0.5, "judged": 0.8, "rank": 1}]
+  # the original's rule without a judge: by cosine, no rank, as before
+  assert rank_candidates(caps, cos, 3)[0]["candidates"][0] == {"caption": "a", "score": 0.9}
 
 
 def test_select_by_fit_against_its_definition():
@@ -153,16 +185,19 @@ def test_select_by_fit_against_its_definition():
   over its copies (scipy's softmax)."""
   import collections
   from scipy.special import softmax
-  from pdiff_jax.inference import rank_candidates
+  from pdiff_jax.inference import in_choice_order, rank_candidates
   caps = [["a", "b", "b", "c", "b"]]
   cos = np.array([[0.9, 0.5, 0.5, 0.8, 0.5]])
   fits = np.array([[0.30, 0.10, 0.10, 0.05, 0.10]])
   assert rank_candidates(caps, cos, 5, "posterior", logit_scale=100.0)[0]["caption"] == "a"
   ranked = rank_candidates(caps, cos, 5, "fit", logit_scale=100.0, fits=fits, fit_weight=500.0)[0]
   # logits 90 - 150, 3 x (50 - 50), 80 - 25: "c" (55) over "a" (-60) and "b" (log 3)
-  assert [c["caption"] for c in ranked["candidates"]] == ["c", "b", "b", "b", "a"]
-  assert [c["fit"] for c in ranked["candidates"]] == [0.05, 0.1, 0.1, 0.1, 0.3]
-  assert ranked["candidates"][1]["votes"] == 3
+  assert ranked["caption"] == "c"
+  chosen_first = in_choice_order(ranked["candidates"])
+  assert [c["caption"] for c in chosen_first] == ["c", "b", "b", "b", "a"]
+  assert [c["fit"] for c in chosen_first] == [0.05, 0.1, 0.1, 0.1, 0.3]
+  assert chosen_first[1]["votes"] == 3
+  assert [c["caption"] for c in ranked["candidates"]] == ["a", "c", "b", "b", "b"]  # by cosine
   assert rank_candidates(caps, cos, 5, "fit", logit_scale=100.0, fits=fits, fit_weight=0.0)[0] \
       ["caption"] == "a"
   rng = np.random.default_rng(1)

@@ -251,18 +251,25 @@ def test_train_trains_it_and_ranking_uses_it(trained_workdir, tmp_path, monkeypa
   caps = [["a red circle", "blue square"], ["a circle", "red"]]
   text = clip_lib.normalize(judged.rerank_clip.encode_texts([c for cs in caps for c in cs])).reshape(2, 2, -1)
   want = np.einsum("bnd,bd->bn", text, judged.judge.embed(emb))
-  np.testing.assert_allclose(judged.rerank(emb, caps), want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(plain.rerank(emb, caps),
-                             np.einsum("bnd,bd->bn", text, clip_lib.normalize(emb)), rtol=1e-5, atol=1e-6)
-  assert not np.allclose(judged.rerank(emb, caps), plain.rerank(emb, caps))
+  cosine = np.einsum("bnd,bd->bn", text, clip_lib.normalize(emb))
+  both = judged.rerank(emb, caps)  # the cosine and the judge's score
+  assert both.shape == (2, 2, 2)
+  np.testing.assert_allclose(both[..., 1], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(both[..., 0], cosine, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(plain.rerank(emb, caps), cosine, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(both[..., 1], cosine)
   metrics = evaluate.evaluate(workdir, "test", num_candidates=3, steps=4, progress=False,
                               captioner=judged, out_dir=str(tmp_path / "eval"))
   assert metrics["judge"] is True
   entries = json.load(open(tmp_path / "eval" / "captions.json"))
   store_emb = np.asarray(features_lib.FeatureStore(config.data.feature_dir).split("test").features,
                          np.float32)
-  for e, g in zip(entries, judged.judge.embed(store_emb)):
+  for e, g, u in zip(entries, judged.judge.embed(store_emb), clip_lib.normalize(store_emb)):
+    # CONTRACT.md: "score" is the cosine, best first; the judge's score chose (rank 1)
     texts = [c["caption"] for c in e["candidates"]]
-    np.testing.assert_allclose([c["score"] for c in e["candidates"]],
-                               clip_lib.normalize(judged.rerank_clip.encode_texts(texts)) @ g,
-                               rtol=1e-4, atol=1e-5)
+    text = clip_lib.normalize(judged.rerank_clip.encode_texts(texts))
+    np.testing.assert_allclose([c["judged"] for c in e["candidates"]], text @ g, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([c["score"] for c in e["candidates"]], text @ u, rtol=1e-4, atol=1e-5)
+    assert [c["score"] for c in e["candidates"]] == sorted((c["score"] for c in e["candidates"]), reverse=True)
+    best = max(e["candidates"], key=lambda c: c["judged"])
+    assert e["caption"] == best["caption"] and best["rank"] == 1

@@ -318,6 +318,7 @@ def test_the_page_in_a_real_browser(server, pngs, tmp_path):
     items = browser.find_elements(By.CSS_SELECTOR, "ol.candidates li")
     scores = [float(li.get_attribute("data-score")) for li in items]
     assert len(items) == 3 and scores == sorted(scores, reverse=True)
+    assert [li.get_attribute("class") for li in items] == ["chosen", "", ""]
     assert browser.find_element(By.CSS_SELECTOR, ".result img").get_attribute("alt") == pngs[0][0]
     assert all(li.get_attribute("data-votes") is None for li in items)  # "clip" shows no votes
     shot = tmp_path / "page.png"
@@ -341,6 +342,8 @@ def test_the_page_in_a_real_browser(server, pngs, tmp_path):
     # each candidate's votes are its copies among the n, the most drawn first, shown as "xN"
     assert len(items) == 3 and votes == [captions.count(c) for c in captions] == sorted(votes, reverse=True)
     assert [li.find_element(By.CSS_SELECTOR, "span.votes").text for li in items] == [f"\u00d7{v}" for v in votes]
+    assert items[0].get_attribute("class") == "chosen" and items[0].text.startswith(
+        browser.find_element(By.CSS_SELECTOR, ".best").text)
     # reloading the model information (as a new token does) keeps the user's choice
     assert browser.execute_script("return loadModel().then(() => document.getElementById('select').value)") == "vote"
     assert len(select.options) == 4
