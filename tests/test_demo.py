@@ -63,6 +63,20 @@ def test_a_restyled_image_draws_the_same_objects_in_the_same_places():
   assert 20 < outlined < 55  # about half of the ~75 objects (36 with this seed)
 
 
+def test_restyled_backgrounds_are_light_and_some_are_dead_leaves():
+  """Every restyled background is light (so that every object colour stands out), and about a
+  fifth are dead leaves: flat discs, so a few dozen colours each covering a patch, where the
+  other kinds have pixel noise on one base colour, with at most a few flat lines."""
+  rng = np.random.default_rng(0)
+  leaves = 0
+  for _ in range(100):
+    bg = np.asarray(shapes._restyled_background(rng))
+    assert bg.shape == (64, 64, 3) and bg.mean() >= 160 and np.percentile(bg, 1) >= 120
+    colours, counts = np.unique(bg.reshape(-1, 3), axis=0, return_counts=True)
+    leaves += int((counts >= 12).sum() >= 15)
+  assert 10 <= leaves <= 32
+
+
 def test_random_grayscale_gives_pil_luminance(clip_dir):
   from pdiff_jax import clip as clip_lib
   from pdiff_jax.clip_pretrain import random_grayscale

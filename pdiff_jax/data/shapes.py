@@ -113,11 +113,13 @@ def make_example(rng: np.random.Generator) -> tuple[Image.Image, dict]:
 
 
 def _restyled_background(rng: np.random.Generator) -> Image.Image:
-  """A light background of one of four kinds: a gradient at any angle, strong pixel noise, a few
-  straight lines or scattered dots (each in light colours, so every object colour stands out)."""
+  """A light background of one of five kinds: a gradient at any angle, strong pixel noise, a few
+  straight lines, scattered dots, or dead leaves (overlapping discs of radii from 1.5 to 16 px,
+  log-uniform: the classic generic model of natural images' occlusion and texture, Lee,
+  Mumford & Huang 2001), each in light colours, so every object colour stands out."""
   yy, xx = np.mgrid[:SIZE, :SIZE] / SIZE
   base = rng.integers(175, 250, 3).astype(np.float64)
-  kind = int(rng.integers(4))
+  kind = int(rng.integers(5))
   if kind == 0:
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None] * rng.uniform(-60, 60, 3)
@@ -134,6 +136,11 @@ def _restyled_background(rng: np.random.Generator) -> Image.Image:
   elif kind == 3:
     for _ in range(int(rng.integers(8, 30))):
       x, y, r = rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(0.8, 2.5)
+      draw.ellipse([x - r, y - r, x + r, y + r], fill=light())
+  elif kind == 4:  # dead leaves, the later discs over the earlier
+    for _ in range(int(rng.integers(40, 120))):
+      x, y = rng.uniform(-4, SIZE + 4), rng.uniform(-4, SIZE + 4)
+      r = float(np.exp(rng.uniform(np.log(1.5), np.log(16))))
       draw.ellipse([x - r, y - r, x + r, y + r], fill=light())
   return image
 
