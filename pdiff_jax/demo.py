@@ -173,7 +173,7 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   train.train_and_evaluate(config, model_dir)
 
   stage("5/6 evaluation on test, n=10 (pdiff eval)")
-  from pdiff_jax.inference import Captioner, in_choice_order
+  from pdiff_jax.inference import Captioner
   captioner = Captioner.from_workdir(model_dir)
   metrics = evaluate.evaluate(model_dir, "test", seed=config.seed, progress=progress, captioner=captioner)
 
@@ -183,7 +183,7 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
   with open(os.path.join(model_dir, "eval", "test", "captions.json")) as f:
     entries = json.load(f)
   # in the order of the rule that chose (the chosen first), which the random control draws from
-  cands = [[c["caption"] for c in in_choice_order(e["candidates"])] for e in entries]
+  cands = [[c["caption"] for c in report.in_choice_order(e["candidates"])] for e in entries]
   refs = [e["references"] for e in entries]
   attrs = [attributes[e["image_id"]] for e in entries]
   s = config.sampler

@@ -138,9 +138,9 @@ def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None
     candidate (`fits`, (B, N): `sampler.denoiser_fit`) taken from each logit: CLIP and the
     denoiser's own reading of the image, each a judge of the caption.
   Where the choice may differ from the cosine's order (any rule but "clip", or a judge), each
-  candidate gets its "rank" in the rule's order (1: the chosen one; `in_choice_order`). Under
-  "vote", "posterior" and "fit" each also gets "votes", its number of copies, and under "fit"
-  its "fit"."""
+  candidate gets its "rank" in the rule's order (1: the chosen one; `report.in_choice_order`).
+  Under "vote", "posterior" and "fit" each also gets "votes", its number of copies, and under
+  "fit" its "fit"."""
   check_select(select)
   if select in ("posterior", "fit") and scores is not None and k > 1 and logit_scale is None:
     raise ValueError(f"select: {select!r} needs the rerank CLIP's logit_scale")
@@ -180,12 +180,6 @@ def rank_candidates(captions: Sequence[Sequence[str]], scores: np.ndarray | None
               for j in np.argsort(-cosine, kind="stable")]
     out.append({"caption": cands[order[0]], "candidates": ranked})
   return out
-
-
-def in_choice_order(candidates: Sequence[dict]) -> list[dict]:
-  """An image's candidates (`rank_candidates`) in the order of the rule that chose among them,
-  the chosen one first; without ranks (select=clip, no judge) that is their order, the cosine's."""
-  return sorted(candidates, key=lambda c: c.get("rank", 0))
 
 
 class Captioner:

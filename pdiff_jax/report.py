@@ -88,6 +88,13 @@ def _fmt(v) -> str:
   return str(v)
 
 
+def in_choice_order(candidates: Sequence[dict]) -> list[dict]:
+  """An image's candidates (`inference.rank_candidates`) in the order of the rule that chose
+  among them, the chosen one first; without ranks (select=clip, no judge) that is their order,
+  the cosine's."""
+  return sorted(candidates, key=lambda c: c.get("rank", 0))
+
+
 def _candidate(rank: int, c: dict) -> str:
   score = "" if c.get("score") is None else f" <span class='score' title='CLIP cosine'>{c['score']:.3f}</span>"
   if c.get("judged") is not None:  # the learned judge's score (judge.steps), which the choice used
@@ -184,9 +191,7 @@ def render(title: str, metrics: dict, entries: Sequence[dict], max_thumbnails: i
     thumb = _thumbnail(str(item.get("image", ""))) if i < limit else None
     img = (f"<img src='{thumb}' alt='{e(str(item.get('image', '')))}'>" if thumb
            else f"<div class='noimg'>{'no image' if i < limit else e(os.path.basename(str(item.get('image', ''))))}</div>")
-    # in the order of the rule that chose (`inference.rank_candidates`' "rank"), the chosen first
-    ordered = sorted(item["candidates"], key=lambda c: c.get("rank", 0))
-    cands = "".join(_candidate(i, c) for i, c in enumerate(ordered))
+    cands = "".join(_candidate(i, c) for i, c in enumerate(in_choice_order(item["candidates"])))
     refs = "".join(f"<li>{e(r)}</li>" for r in item.get("references", []))
     parts.append(f"<div class='item'>{img}<div><h3>{e(str(item.get('image_id', '')))}</h3>"
                  f"<b>candidates</b> (as ranked by the choice)<ol>{cands}</ol>"

@@ -105,7 +105,8 @@ def test_select_rules_against_their_definitions():
   them. The original's order ("clip") stays a plain sort by cosine, without votes."""
   import collections
   from scipy.special import softmax
-  from pdiff_jax.inference import in_choice_order, rank_candidates
+  from pdiff_jax.inference import rank_candidates
+  from pdiff_jax.report import in_choice_order
   # By hand: "b" is drawn 3 times at a lower cosine than "a".
   caps = [["a", "b", "b", "c", "b"]]
   cos = np.array([[0.9, 0.5, 0.5, 0.8, 0.5]])
@@ -155,7 +156,8 @@ def test_a_judge_chooses_and_the_cosine_orders():
   """With a judge, `rerank`'s (B, N, 2) scores: every rule reads the judge's score where it
   read the cosine, and the candidates are still listed by cosine, best first (CONTRACT.md),
   each with its "judged" score and its "rank" in the choice."""
-  from pdiff_jax.inference import in_choice_order, rank_candidates
+  from pdiff_jax.inference import rank_candidates
+  from pdiff_jax.report import in_choice_order
   caps = [["a", "b", "c"], ["d", "e", "e"]]
   cos = np.array([[0.9, 0.5, 0.7], [0.2, 0.3, 0.3]])
   judged = np.array([[0.1, 0.8, 0.4], [0.9, 0.1, 0.1]])
@@ -185,7 +187,8 @@ def test_select_by_fit_against_its_definition():
   over its copies (scipy's softmax)."""
   import collections
   from scipy.special import softmax
-  from pdiff_jax.inference import in_choice_order, rank_candidates
+  from pdiff_jax.inference import rank_candidates
+  from pdiff_jax.report import in_choice_order
   caps = [["a", "b", "b", "c", "b"]]
   cos = np.array([[0.9, 0.5, 0.5, 0.8, 0.5]])
   fits = np.array([[0.30, 0.10, 0.10, 0.05, 0.10]])
