@@ -122,11 +122,18 @@ def judged(adapter: Adapter, params, image_BD: jax.Array, logit_scale: float) ->
   return u + adapter.apply(params, u) / logit_scale
 
 
-def loss_fn(adapter: Adapter, params, image_BD, text_BD, negatives_BKD, logit_scale: float):
+def loss_fn(adapter: Adapter, params, image_BD, text_BD, negatives_BKD, logit_scale: float,
+            text_ids_B=None):
   """Cross-entropy of each image's caption against the batch's other captions and its own
-  hard negatives, all scored by logit_scale x the judged score."""
+  hard negatives, all scored by logit_scale x the judged score. `text_ids_B` (which distinct
+  text each caption is): another image's caption that is the same text is left out of the
+  image's negatives (short captions repeat: "a red circle" is true of both images)."""
   g = logit_scale * judged(adapter, params, image_BD, logit_scale)
-  logits = jnp.concatenate([g @ text_BD.T, jnp.einsum("bd,bkd->bk", g, negatives_BKD)], axis=1)
+  in_batch = g @ text_BD.T
+  if text_ids_B is not None:
+    same = (text_ids_B[:, None] == text_ids_B[None, :]) & ~jnp.eye(len(text_ids_B), dtype=bool)
+    in_batch = jnp.where(same, -jnp.inf, in_batch)
+  logits = jnp.concatenate([in_batch, jnp.einsum("bd,bkd->bk", g, negatives_BKD)], axis=1)
   return optax.softmax_cross_entropy_with_integer_labels(
       logits, jnp.arange(image_BD.shape[0])).mean()
 
@@ -215,19 +222,21 @@ def fill_negatives(found: list[str], own: Sequence[str], captions: Sequence[Sequ
 
 
 def train_call(adapter: Adapter, tx: optax.GradientTransformation, logit_scale: float):
-  """A jitted `f(params, opt_state, images (S, B, D), texts (S, B, D), negatives (S, B, K, D))
-  -> (params, opt_state, losses (S,))`: S steps of `loss_fn` by `lax.scan`."""
+  """A jitted `f(params, opt_state, images (S, B, D), texts (S, B, D), negatives (S, B, K, D),
+  text_ids (S, B)) -> (params, opt_state, losses (S,))`: S steps of `loss_fn` by `lax.scan`."""
   grad = jax.value_and_grad(functools.partial(loss_fn, adapter, logit_scale=logit_scale))
 
   def step(carry, batch):
     params, opt_state = carry
-    loss, g = grad(params, *batch)
+    images, texts, negatives, text_ids = batch
+    loss, g = grad(params, images, texts, negatives, text_ids_B=text_ids)
     updates, opt_state = tx.update(g, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
   @jax.jit
-  def run(params, opt_state, images, texts, negatives):
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (images, texts, negatives))
+  def run(params, opt_state, images, texts, negatives, text_ids):
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
+                                               (images, texts, negatives, text_ids))
     return params, opt_state, losses
   return run
 
@@ -292,7 +301,7 @@ def train_judge(image_emb_ND: np.ndarray, captions: Sequence[Sequence[str]],
     imgs = np.stack([rng.choice(n, batch_size, replace=False) for _ in range(k)])
     which = (rng.random(imgs.shape) * np.diff(offsets)[imgs]).astype(np.int64)
     caps = flat_pos[offsets[imgs] + which]
-    params, opt_state, loss = run(params, opt_state, image[imgs], text[caps], text[neg[imgs]])
+    params, opt_state, loss = run(params, opt_state, image[imgs], text[caps], text[neg[imgs]], caps)
     losses.append(np.asarray(loss))
     tick()
   losses = np.concatenate(losses) if losses else np.zeros(0)
@@ -331,7 +340,10 @@ def train_for_model(config, workdir: str, tick: Callable[[], None] = lambda: Non
             "clip_encoding": store.manifest.get("clip_encoding", {}),
             "vocab_hash": store.manifest["vocab_hash"],
             "feature_dir": storage.uri(config.data.feature_dir),
-            "train_split": store.manifest["splits"]["train"]}
+            "train_split": store.manifest["splits"]["train"],
+            # since 2026-12-07 another image's caption of the same text is no negative (loss_fn);
+            # a judge trained before, without this key, is trained again
+            "same_text": "not a negative"}
   out = directory(workdir)
   if storage.exists(storage.join(out, "judge.json")):
     try:

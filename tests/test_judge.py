@@ -55,7 +55,7 @@ def _gelu(x):  # flax's default (tanh) GELU
 def test_loss_against_numpy():
   """The judged score and the loss written out in numpy: g = u + MLP(u) / s of the normalised
   image; logits s g . v over the batch's captions and the image's own negatives; the
-  cross-entropy of the image's own caption."""
+  cross-entropy of the image's own caption; another image's caption of the same text left out."""
   rng = np.random.default_rng(0)
   B, K, D, s = 3, 2, 5, 7.0
   adapter = judge_lib.Adapter(hidden=4, depth=2)
@@ -74,6 +74,14 @@ def test_loss_against_numpy():
   want = -np.mean([logits[i, i] - np.log(np.exp(logits[i]).sum()) for i in range(B)])
   got = judge_lib.loss_fn(adapter, params, image, text, negs, logit_scale=s)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # Images 0 and 2 with the same caption text: neither's caption is a negative of the other.
+  keep = ~np.array([[False, False, True], [False, False, False], [True, False, False]])
+  keep = np.concatenate([keep, np.ones((B, K), bool)], axis=1)
+  want_same = -np.mean([logits[i, i] - np.log(np.exp(logits[i][keep[i]]).sum()) for i in range(B)])
+  got_same = judge_lib.loss_fn(adapter, params, image, text, negs, logit_scale=s,
+                               text_ids_B=np.array([5, 1, 5]))
+  np.testing.assert_allclose(float(got_same), want_same, rtol=1e-5)
+  assert float(got_same) < float(got)
   # With the MLP's last layer at zero the judge is CLIP: its scores are the cosines.
   zero = jax.tree.map(np.asarray, params)
   zero["params"]["Dense_2"] = jax.tree.map(np.zeros_like, zero["params"]["Dense_2"])
@@ -143,7 +151,8 @@ def test_a_call_of_training_steps_at_vit_l_size_compiles_within_a_few_gib():
   opt_state = jax.eval_shape(tx.init, params)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
   compiled = judge_lib.train_call(adapter, tx, 100.0).lower(
-      params, opt_state, f32(S, B, D), f32(S, B, D), f32(S, B, K, D)).compile()
+      params, opt_state, f32(S, B, D), f32(S, B, D), f32(S, B, K, D),
+      jax.ShapeDtypeStruct((S, B), np.int32)).compile()
   memory = compiled.memory_analysis()
   gib = 2.0 ** 30
   assert abs(memory.argument_size_in_bytes / gib - S * B * (K + 2) * D * 4 / gib) < 0.05
