@@ -151,13 +151,21 @@ def _copy_workdir(src, dst):
 @pytest.mark.slow
 @pytest.mark.xdist_group("trained_workdir")
 def test_two_process_eval_equals_one(tmp_path, trained_workdir):
-  """`pdiff eval` as 2 processes: each samples and reranks its share of the images (and, chosen
-  by `fit`, scores its share with the denoiser), process 0 scores and writes, and captions.json
-  and the metrics equal a single-process eval's."""
+  """`pdiff eval` as 2 processes, with a learned judge of captions: each samples and reranks its
+  share of the images (the cosine and the judge's score; and, chosen by `fit`, scores its share
+  with the denoiser), process 0 scores and writes, and captions.json and the metrics equal a
+  single-process eval's."""
   import json
-  from pdiff_jax import evaluate
-  one = _copy_workdir(trained_workdir[0], tmp_path / "one")
-  two = _copy_workdir(trained_workdir[0], tmp_path / "two")
+  from pdiff_jax import config as config_lib, evaluate
+  base = _copy_workdir(trained_workdir[0], tmp_path / "base")
+  with open(os.path.join(base, "config.json")) as f:
+    config = config_lib.from_json(f.read())
+  config.judge = config_lib.judge_config(config)
+  config.judge.update({"steps": 40, "batch_size": 4, "negatives": 3, "hidden": 16})
+  train.train_and_evaluate(config, base, devices=jax.devices()[:1])  # the denoiser is done: the judge only
+  assert os.path.exists(os.path.join(base, "judge", "judge.json"))
+  one = _copy_workdir(base, tmp_path / "one")
+  two = _copy_workdir(base, tmp_path / "two")
   evaluate.evaluate(one, "test", num_candidates=3, steps=5, seed=0, progress=False, select="fit")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   r = subprocess.run(["bash", LAUNCH, "2", "eval", f"--workdir={two}", "--split=test", "--num_candidates=3",
@@ -175,7 +183,11 @@ def test_two_process_eval_equals_one(tmp_path, trained_workdir):
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([c["fit"] for c in x["candidates"]], [c["fit"] for c in y["candidates"]],
                                rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose([c["judged"] for c in x["candidates"]], [c["judged"] for c in y["candidates"]],
+                               rtol=1e-5, atol=1e-6)
+    assert [c["rank"] for c in x["candidates"]] == [c["rank"] for c in y["candidates"]]
   ma, mb = load(one, "metrics.json"), load(two, "metrics.json")
+  assert ma["judge"] is True and mb["judge"] is True
   for key in ("BLEU-4", "CIDEr", "Div-2", "CLIP-S", "num_images"):
     assert mb[key] == pytest.approx(ma[key], rel=1e-5), key
 
