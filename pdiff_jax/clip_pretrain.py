@@ -297,27 +297,27 @@ def false_twins(caption: str, attrs: dict) -> dict[str, list[str]]:
 
 
 def _attribute_loss(head: jax.Array, embeds: jax.Array, labels: jax.Array,
-                    presence: bool = False) -> jax.Array:
+                    presence: bool = False, shape_weight: float = 1.0) -> jax.Array:
   """Sum over the groups count, side, relation, shape, size of the mean cross-entropy of the
   labels that apply (shape and size only of the colours present), from 16 x the normalised
-  embedding (CLIP's output `image_embeds` or `text_embeds`) times `head`. Each group is one
-  cross-entropy over its slots (a colour's shape, ...), so the step has few small ops. With
-  `presence`, `head` has one more column per colour, and a last group adds the mean binary
-  cross-entropy of "an object of this colour is there" (its shape label is not 0) over all of
-  them."""
+  embedding (CLIP's output `image_embeds` or `text_embeds`) times `head`; the shape group's
+  term times `shape_weight`. Each group is one cross-entropy over its slots (a colour's shape,
+  ...), so the step has few small ops. With `presence`, `head` has one more column per colour,
+  and a last group adds the mean binary cross-entropy of "an object of this colour is there"
+  (its shape label is not 0) over all of them."""
   logits = 16.0 * embeds @ head
   B, layout = labels.shape[0], _label_layout()
   ncol = (len(layout) - 3) // 2
-  # (first label column, slots, classes per slot, smallest label that applies)
-  groups = [(0, 1, 2, 0), (1, 1, len(shapes.SIDES), 0), (2, 1, len(shapes.INVERSE), 0),
-            (3, ncol, 1 + len(shapes.SHAPES), 1), (3 + ncol, ncol, 1 + len(shapes.SIZES), 1)]
+  # (first label column, slots, classes per slot, smallest label that applies, weight)
+  groups = [(0, 1, 2, 0, 1.0), (1, 1, len(shapes.SIDES), 0, 1.0), (2, 1, len(shapes.INVERSE), 0, 1.0),
+            (3, ncol, 1 + len(shapes.SHAPES), 1, shape_weight), (3 + ncol, ncol, 1 + len(shapes.SIZES), 1, 1.0)]
   total, col = 0.0, 0
-  for first, slots, classes, smallest in groups:
+  for first, slots, classes, smallest, weight in groups:
     y = labels[:, first:first + slots]
     ok = y >= smallest
     ce = optax.softmax_cross_entropy_with_integer_labels(
         logits[:, col:col + slots * classes].reshape(B, slots, classes), jnp.maximum(y, 0))
-    total = total + jnp.sum(ce * ok) / jnp.maximum(ok.sum(), 1)
+    total = total + weight * jnp.sum(ce * ok) / jnp.maximum(ok.sum(), 1)
     col += slots * classes
   if presence:
     there = (labels[:, 3:3 + ncol] >= 1).astype(logits.dtype)
@@ -347,6 +347,7 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
                      layers: int = 2, heads: int = 4, projection_dim: int = 64, max_text_len: int = 16,
                      grayscale_prob: float = 0.5, warmup_steps: int = 50,
                      attributes: list[dict] | None = None, attribute_weight: float = 1.0,
+                     shape_weight: float = 1.0,
                      text_head: bool = False, hard_negatives: int = 0, presence: bool = False,
                      restyle_prob: float = 0.0, init_from: str | None = None,
                      steps_per_dispatch: int = 1, devices=None, progress: bool = True) -> str:
@@ -354,7 +355,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   machine) and saves to `out_dir` (kept if it exists).
 
   With `attributes` (each image's shapes truth), a linear attribute head on the image embedding
-  is trained with it (`attribute_weight` x `_attribute_loss` added to InfoNCE) and then dropped:
+  is trained with it (`attribute_weight` x `_attribute_loss`, its shape group times
+  `shape_weight`, added to InfoNCE) and then dropped:
   the saved model is a plain CLIP. Options that need `attributes` (the module docstring has
   what each one does to the demo): `text_head` (the head also reads the text embedding, with
   `caption_labels`), `hard_negatives=K` (K `false_twins` per caption, one an extra negative at
@@ -439,10 +441,10 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
     loss = _info_nce(out)
     if use_head:
       loss = loss + attribute_weight * _attribute_loss(params["head"], out.image_embeds, labels,
-                                                          presence)
+                                                          presence, shape_weight)
     if use_head and text_head:
       loss = loss + attribute_weight * _attribute_loss(
-          params["head"], out.text_embeds[:labels.shape[0]], text_labels, presence)
+          params["head"], out.text_embeds[:labels.shape[0]], text_labels, presence, shape_weight)
     return loss
 
   def one_step(carry, batch):

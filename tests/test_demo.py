@@ -139,7 +139,7 @@ def test_attribute_loss_is_the_mean_cross_entropy_of_each_group():
   logits = 16.0 * emb @ head
   bounds = np.cumsum([0] + [k for _, k in layout])
   ncol = len(shapes.COLORS)
-  expected = 0.0
+  means = []  # count, side, relation, shape, size
   for group in ([0], [1], [2], range(3, 3 + ncol), range(3 + ncol, 3 + 2 * ncol)):
     ces = []
     for t in group:
@@ -147,10 +147,15 @@ def test_attribute_loss_is_the_mean_cross_entropy_of_each_group():
       for b in range(16):
         if labels[b, t] >= (1 if t >= 3 else 0):
           ces.append(np.log(np.exp(part[b]).sum()) - part[b, labels[b, t]])
-    expected += np.mean(ces) if ces else 0.0
+    means.append(np.mean(ces) if ces else 0.0)
+  expected = sum(means)
   got = clip_pretrain._attribute_loss(jnp.asarray(head, jnp.float32), jnp.asarray(emb, jnp.float32),
                                       jnp.asarray(labels))
   assert float(got) == pytest.approx(expected, rel=1e-4)
+  # shape_weight scales the shape group's term alone
+  got = clip_pretrain._attribute_loss(jnp.asarray(head, jnp.float32), jnp.asarray(emb, jnp.float32),
+                                      jnp.asarray(labels), shape_weight=2.5)
+  assert means[3] > 0 and float(got) == pytest.approx(expected + 1.5 * means[3], rel=1e-4)
   # presence: one logit per colour after the groups, "an object of this colour is there"
   extra = rng.normal(size=(8, ncol)) / 4
   z = 16.0 * emb @ extra
