@@ -203,6 +203,8 @@ against 14.4), on the tests' other renderer 69.0 / 67.8 / 68.4% (against 75.6 / 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -220,6 +222,10 @@ from pdiff_jax.data.images import load_image
 from pdiff_jax.metrics import exact
 
 log = logging.getLogger(__name__)
+
+# Beside a trained small CLIP's config.json: the arguments and data it was trained with, so that a
+# later call asking for another recipe stops instead of reusing it (`train_small_clip`).
+RECIPE = "small_clip_recipe.json"
 
 
 def _info_nce(out) -> jax.Array:
@@ -362,7 +368,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
                      restyle_prob: float = 0.0, init_from: str | None = None,
                      steps_per_dispatch: int = 1, devices=None, progress: bool = True) -> str:
   """Trains on (image, one of its captions) pairs for exactly `steps` steps (the same work on any
-  machine) and saves to `out_dir` (kept if it exists).
+  machine) and saves to `out_dir`, with the recipe it was trained with (`RECIPE`). An `out_dir`
+  that holds a CLIP is kept if its recipe is the one asked for, else `ClipLoadError`.
 
   With `attributes` (each image's shapes truth), a linear attribute head on the image embedding
   is trained with it (`attribute_weight` x `_attribute_loss`, its shape group times
@@ -381,8 +388,20 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
                      "images' shapes truth)")
   if steps_per_dispatch < 1:
     raise ValueError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
+  # Everything the weights depend on (the data by a digest: the images' file names, captions,
+  # words and truth, not where they lie).
+  data = json.dumps([[os.path.basename(p) for p in image_paths], captions, words, attributes],
+                    sort_keys=True)
+  recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "image_size": image_size,
+            "patch_size": patch_size, "width": width, "layers": layers, "heads": heads,
+            "projection_dim": projection_dim, "max_text_len": max_text_len,
+            "grayscale_prob": grayscale_prob, "warmup_steps": warmup_steps,
+            "attribute_weight": attribute_weight, "shape_weight": shape_weight, "text_head": text_head,
+            "hard_negatives": hard_negatives, "presence": presence, "restyle_prob": restyle_prob,
+            "init_from": init_from, "data_sha256": hashlib.sha256(data.encode()).hexdigest()}
   if os.path.exists(os.path.join(out_dir, "config.json")):
-    log.info("reusing the small CLIP in %s", out_dir)
+    _check_recipe(out_dir, json.loads(json.dumps(recipe)))
+    log.info("reusing the small CLIP in %s (trained with the same recipe and data)", out_dir)
     return out_dir
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -505,9 +524,31 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   log.info("small CLIP: %d steps in %.0f s, final loss %.3f", done,
            time.perf_counter() - start, float(loss))
   clip.model.save_pretrained(tmp, params=jax.device_get(params["clip"]))
+  with open(os.path.join(tmp, RECIPE), "w") as f:
+    json.dump(recipe, f, indent=1)
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
   return out_dir
+
+
+def _check_recipe(out_dir: str, recipe: dict) -> None:
+  """Raises `clip.ClipLoadError` unless the small CLIP in `out_dir` was trained as `recipe` asks
+  (a recipe changed since, say, would otherwise be reused without a word, and every figure made
+  from it would be of the old one)."""
+  path = os.path.join(out_dir, RECIPE)
+  if not os.path.exists(path):
+    raise clip_lib.ClipLoadError(
+        f"{out_dir} holds a small CLIP with no {RECIPE} (trained before its recipe was recorded), "
+        "so it may not be the one asked for: delete it, with what was made from it, or give the "
+        "demo another --workdir")
+  with open(path) as f:
+    stored = json.load(f)
+  differ = sorted(k for k in recipe.keys() | stored.keys() if stored.get(k) != recipe.get(k))
+  if differ:
+    raise clip_lib.ClipLoadError(
+        f"{out_dir} holds a small CLIP trained with " + ", ".join(f"{k}={stored.get(k)!r}" for k in differ)
+        + "; this run asks for " + ", ".join(f"{k}={recipe.get(k)!r}" for k in differ)
+        + ": delete it, with what was made from it (features, model), or give the demo another --workdir")
 
 
 def feature_probe(train_features: np.ndarray, train_attrs: list[dict], test_features: np.ndarray,

@@ -281,14 +281,14 @@ def test_train_small_clip_from_a_saved_clip_k_steps_per_dispatch_equal_single_st
   handler.emit = lambda record: compiled.append(record.getMessage().startswith("Compiling jit(steps_of)"))
   logging.getLogger("jax").addHandler(handler)
   out = {}
+  recipe = dict(steps=4, batch_size=8, attributes=attrs, text_head=True, hard_negatives=2,
+                presence=True, restyle_prob=0.5, init_from=init, width=999, progress=False)
   try:
     for k in (1, 4):
       with jax.log_compiles(True):
         out[k] = clip_pretrain.train_small_clip(
-            str(tmp_path / f"k{k}"), paths, captions, shapes.vocabulary(), steps=4, batch_size=8,
-            attributes=attrs, text_head=True, hard_negatives=2, presence=True, restyle_prob=0.5,
-            init_from=init, width=999, steps_per_dispatch=k, progress=False,
-            devices=jax.devices()[:1] if k == 1 else None)
+            str(tmp_path / f"k{k}"), paths, captions, shapes.vocabulary(), steps_per_dispatch=k,
+            devices=jax.devices()[:1] if k == 1 else None, **recipe)
       assert sum(compiled) == 1, f"steps_per_dispatch={k}: the step compiled {sum(compiled)} times"
       compiled.clear()
   finally:
@@ -307,6 +307,25 @@ def test_train_small_clip_from_a_saved_clip_k_steps_per_dispatch_equal_single_st
   for a, b in zip(jax.tree_util.tree_leaves(after.params),
                   jax.tree_util.tree_leaves(clip_lib.Clip.load(out[4]).params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
+
+  # Asked again, the same recipe on the same data (from elsewhere on disk) reuses the CLIP; another
+  # recipe, other data, or a CLIP with no record of its recipe stops with the directory and the
+  # differences named, and leaves the CLIP as it was.
+  weights = (tmp_path / "k1" / "flax_model.msgpack").read_bytes()
+  moved_paths = [str(tmp_path / "elsewhere" / os.path.basename(p)) for p in paths]
+  again = lambda **change: clip_pretrain.train_small_clip(
+      out[1], change.pop("paths", moved_paths), change.pop("captions", captions),
+      shapes.vocabulary(), **{**recipe, **change})
+  assert again() == out[1]
+  with pytest.raises(clip_lib.ClipLoadError, match=r"k1 holds a small CLIP trained with lr=0.001, "
+                     r"shape_weight=1.0; this run asks for lr=0.002, shape_weight=2.0: delete it"):
+    again(shape_weight=2.0, lr=2e-3)
+  with pytest.raises(clip_lib.ClipLoadError, match=r"trained with data_sha256="):
+    again(captions=captions[::-1])
+  os.remove(tmp_path / "k1" / clip_pretrain.RECIPE)
+  with pytest.raises(clip_lib.ClipLoadError, match=r"k1 holds a small CLIP with no small_clip_recipe.json"):
+    again()
+  assert (tmp_path / "k1" / "flax_model.msgpack").read_bytes() == weights
 
 
 def test_info_nce_with_hard_negative_texts():
