@@ -365,7 +365,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
                      attributes: list[dict] | None = None, attribute_weight: float = 1.0,
                      shape_weight: float = 1.0,
                      text_head: bool = False, hard_negatives: int = 0, presence: bool = False,
-                     restyle_prob: float = 0.0, init_from: str | None = None,
+                     restyle_prob: float = 0.0, restyle_outline: float = 0.5,
+                     init_from: str | None = None,
                      steps_per_dispatch: int = 1, devices=None, progress: bool = True) -> str:
   """Trains on (image, one of its captions) pairs for exactly `steps` steps (the same work on any
   machine) and saves to `out_dir`, with the recipe it was trained with (`RECIPE`). An `out_dir`
@@ -378,7 +379,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   what each one does to the demo): `text_head` (the head also reads the text embedding, with
   `caption_labels`), `hard_negatives=K` (K `false_twins` per caption, one an extra negative at
   each step), `presence` (the head also says which colours are there) and `restyle_prob` (each
-  image also drawn by `shapes.restyle`, and shown so with this probability). `init_from`: start
+  image also drawn by `shapes.restyle`, each object outlined with probability `restyle_outline`,
+  and shown so with this probability). `init_from`: start
   from a saved small CLIP instead of a random one (its architecture and tokenizer; the size
   arguments are then unused). `devices`: where to train, data-parallel (default: as many of this
   process's devices as divide the batch)."""
@@ -398,6 +400,7 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
             "grayscale_prob": grayscale_prob, "warmup_steps": warmup_steps,
             "attribute_weight": attribute_weight, "shape_weight": shape_weight, "text_head": text_head,
             "hard_negatives": hard_negatives, "presence": presence, "restyle_prob": restyle_prob,
+            "restyle_outline": restyle_outline,
             "init_from": init_from, "data_sha256": hashlib.sha256(data.encode()).hexdigest()}
   if os.path.exists(os.path.join(out_dir, "config.json")):
     _check_recipe(out_dir, json.loads(json.dumps(recipe)))
@@ -426,7 +429,8 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   restyled = None
   if restyle_prob:  # each image once more, drawn in another style (`shapes.restyle`)
     style_rng = np.random.default_rng([seed, 2])
-    restyled = np.stack([clip.transform(shapes.restyle(a, style_rng)) for a in attributes])
+    restyled = np.stack([clip.transform(shapes.restyle(a, style_rng, restyle_outline))
+                         for a in attributes])
   per_image = len(captions[0])
   ids, mask = clip.tokenize([c for caps in captions for c in caps])
   ids = ids.reshape(len(captions), per_image, -1)

@@ -145,11 +145,12 @@ def _restyled_background(rng: np.random.Generator) -> Image.Image:
   return image
 
 
-def restyle(attrs: dict, rng: np.random.Generator) -> Image.Image:
+def restyle(attrs: dict, rng: np.random.Generator, outline_prob: float = 0.5) -> Image.Image:
   """The same objects (colour, shape, size class and centre, hence the same captions) drawn in
   another style: another light background (`_restyled_background`), each radius drawn again
-  within a somewhat wider range of its size class, and half the objects outlined in a darker
-  shade. The small CLIP's augmentation, so that it learns what is drawn rather than how."""
+  within a somewhat wider range of its size class, and each object outlined in a darker shade
+  with probability `outline_prob`. The small CLIP's augmentation, so that it learns what is
+  drawn rather than how."""
   image = _restyled_background(rng)
   draw = ImageDraw.Draw(image)
   objs = attrs["objects"]
@@ -158,7 +159,7 @@ def restyle(attrs: dict, rng: np.random.Generator) -> Image.Image:
     r = rng.uniform(*(small if o["size"] == "small" else big))
     fill = np.clip(np.array(COLORS[o["color"]]) + rng.integers(-25, 26, 3), 0, 255)
     outline = None
-    if rng.random() < 0.5:
+    if rng.random() < outline_prob:
       outline = tuple(int(v) for v in fill * rng.uniform(0.2, 0.7))
     _draw(draw, o["shape"], o["x"], o["y"], r, tuple(int(v) for v in fill), outline,
           int(rng.integers(1, 3)))
