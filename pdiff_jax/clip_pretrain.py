@@ -237,6 +237,10 @@ log = logging.getLogger(__name__)
 # Beside a trained small CLIP's config.json: the arguments and data it was trained with, so that a
 # later call asking for another recipe stops instead of reusing it (`train_small_clip`).
 RECIPE = "small_clip_recipe.json"
+# `train_small_clip`'s arguments that are not part of that recipe: the data (recorded by a digest)
+# and how the work is laid out, which leaves the weights as they are. Every other argument is.
+_NOT_RECIPE = ("out_dir", "image_paths", "captions", "words", "attributes", "steps_per_dispatch",
+               "devices", "progress")
 
 
 def _info_nce(out) -> jax.Array:
@@ -395,26 +399,20 @@ def train_small_clip(out_dir: str, image_paths: list[str], captions: list[list[s
   from a saved small CLIP instead of a random one (its architecture and tokenizer; the size
   arguments are then unused). `devices`: where to train, data-parallel (default: as many of this
   process's devices as divide the batch)."""
+  recipe = {k: v for k, v in locals().items() if k not in _NOT_RECIPE}  # the arguments alone, here
   from tqdm import tqdm
   if (text_head or hard_negatives or presence or restyle_prob) and attributes is None:
     raise ValueError("text_head, hard_negatives, presence and restyle_prob need `attributes` (the "
                      "images' shapes truth)")
   if steps_per_dispatch < 1:
     raise ValueError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
-  # Everything the weights depend on (the data by a digest: the images' file names, captions,
-  # words and truth, not where they lie).
+  # The data by a digest: the images' file names, captions, words and truth, not where they lie.
   data = json.dumps([[os.path.basename(p) for p in image_paths], captions, words, attributes],
                     sort_keys=True)
-  recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "image_size": image_size,
-            "patch_size": patch_size, "width": width, "layers": layers, "heads": heads,
-            "projection_dim": projection_dim, "max_text_len": max_text_len,
-            "grayscale_prob": grayscale_prob, "warmup_steps": warmup_steps,
-            "attribute_weight": attribute_weight, "shape_weight": shape_weight, "text_head": text_head,
-            "hard_negatives": hard_negatives, "presence": presence, "restyle_prob": restyle_prob,
-            "restyle_outline": restyle_outline,
-            "init_from": init_from, "data_sha256": hashlib.sha256(data.encode()).hexdigest()}
+  recipe["data_sha256"] = hashlib.sha256(data.encode()).hexdigest()
+  recipe = json.loads(json.dumps(recipe))  # as it reads back from RECIPE (tuples as lists), to compare
   if os.path.exists(os.path.join(out_dir, "config.json")):
-    _check_recipe(out_dir, json.loads(json.dumps(recipe)))
+    _check_recipe(out_dir, recipe)
     log.info("reusing the small CLIP in %s (trained with the same recipe and data)", out_dir)
     return out_dir
   tmp = out_dir + ".tmp"

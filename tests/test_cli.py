@@ -201,3 +201,22 @@ def test_full_disk_while_saving_stops_cleanly(tmp_path):
   config = load_config("tiny", **{"mesh.shape": (1, 1)})
   step, state = train.restore_state(config, str(tmp_path / "left"), jax.devices()[:1])
   assert step == 10 and int(state.step) == 10
+
+
+def test_demo_stops_on_a_small_clip_of_another_recipe(tmp_path):
+  """`pdiff demo` in a workdir whose small CLIP was trained otherwise (here: a record saying 1
+  step) exits 1 with one line naming the CLIP's directory and the differences, before training
+  anything, and leaves that CLIP as it was."""
+  from pdiff_jax import clip_pretrain
+  clip = tmp_path / "clip"
+  clip.mkdir()
+  (clip / "config.json").write_text("{}")
+  (clip / clip_pretrain.RECIPE).write_text(json.dumps({"steps": 1}))
+  r = run_pdiff("demo", f"--workdir={tmp_path}", "--fast", env=ONE_DEVICE)
+  assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+  line = [l for l in r.stderr.splitlines() if l.startswith("pdiff demo: ")]
+  assert len(line) == 1 and f"{clip} holds a small CLIP trained with" in line[0], r.stderr[-2000:]
+  assert "steps=1" in line[0] and "this run asks for" in line[0] and "steps=40" in line[0]
+  assert "Traceback" not in r.stderr
+  assert sorted(os.listdir(clip)) == ["config.json", clip_pretrain.RECIPE]
+  assert not (tmp_path / "features").exists() and not (tmp_path / "model").exists()
