@@ -274,6 +274,7 @@ def _flags_demo(fv: flags.FlagValues) -> None:
 def _cmd_demo(fv: flags.FlagValues) -> int:
   from pdiff_jax import config as config_lib, demo
   demo.use_cpu_devices()
+  demo.use_consistent_numerics()
   config_lib.validate(fv.config)
   demo.run_demo(fv.config, fv.workdir, fast=fv.fast)
   return 0

@@ -45,6 +45,15 @@ CLIP_RECIPE = {"heads": 16, "text_head": True, "hard_negatives": 4, "presence": 
 # set a count): one layout, so one set of figures, on any CPU, and the small CLIP, which trains
 # data-parallel over them, takes a step ~12% faster on 2 cores than on one device (BENCHMARKS.md).
 CPU_DEVICES = 2
+# XLA flags `pdiff demo` adds to XLA_FLAGS (unless they are set there), so that its figures are the
+# same on other kinds of x86-64 CPU. At XLA's defaults they were not: on this project's AVX-512
+# Xeon, XLA capped at AVX2 (as on most AMD and older Intel CPUs) gave other small-CLIP weights from
+# the second step on, from the same optimised programs and LLVM IR, so from the machine
+# code LLVM's optimiser chose for the CPU. With these two (LLVM's level 2, and XLA's arithmetic
+# that does not depend on the CPU), the whole fast demo is byte-identical either way, and the
+# small CLIP no slower (BENCHMARKS.md, "The same figures on another kind of CPU").
+CONSISTENT_XLA_FLAGS = {"xla_backend_optimization_level": "2",
+                        "xla_cpu_enable_platform_dependent_math": "false"}
 # Keys of demo_summary.json that depend on the machine and its load; everything else is a
 # function of the code and the seed (tests/test_demo.py runs the fast demo twice to check it).
 TIMING_KEYS = ("seconds", "stage_seconds", "machine")
@@ -61,6 +70,22 @@ def use_cpu_devices() -> None:
   except RuntimeError:  # JAX already runs in this process: its count stays, so may the figures
     log.warning("JAX has started: the demo runs on its %d CPU device(s), not %d, and its figures "
                 "may differ from the README's", jax.local_device_count(), CPU_DEVICES)
+
+
+def use_consistent_numerics() -> list[str]:
+  """Adds `CONSISTENT_XLA_FLAGS` to XLA_FLAGS, before JAX starts its backends (XLA reads them
+  then), but none that XLA_FLAGS already sets; returns the flags added."""
+  from jax._src import xla_bridge  # JAX has no public way to ask whether its backends started
+  given = os.environ.get("XLA_FLAGS", "")
+  names = {f.lstrip("-").split("=", 1)[0] for f in given.split()}
+  extra = [f"--{k}={v}" for k, v in CONSISTENT_XLA_FLAGS.items() if k not in names]
+  if extra and xla_bridge.backends_are_initialized():
+    log.warning("JAX has started: the demo runs without %s, and its figures may differ from the "
+                "README's on another kind of CPU", " ".join(extra))
+    return []
+  if extra:
+    os.environ["XLA_FLAGS"] = " ".join([given, *extra]).strip()
+  return extra
 
 
 def demo_config(base, workdir: str, fast: bool):
@@ -218,6 +243,7 @@ def _run_local(base_config, workdir: str, fast: bool, progress: bool) -> dict:
              "seconds": time.perf_counter() - t0, "stage_seconds": stage.seconds,
              "machine": {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
                          "cpu": bench.cpu_model(), "cpus": os.cpu_count(),
+                         "xla_flags": os.environ.get("XLA_FLAGS", ""),
                          "matmul_tflops_before_after": [round(r, 4) for r in speed]}}
   with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)

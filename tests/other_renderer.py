@@ -101,6 +101,8 @@ def score_workdir(model_dir: str, count: int = 500, seed: int = 0, num_candidate
 
 
 if __name__ == "__main__":
+  from pdiff_jax import demo
+  demo.use_consistent_numerics()  # as `pdiff demo` samples, so the same figures on another CPU
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("model_dir")
   parser.add_argument("--images", type=int, default=500)

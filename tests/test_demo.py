@@ -405,6 +405,8 @@ def test_demo_fast_end_to_end_twice_gives_the_same_figures(tmp_path):
   # one CPU split into the demo's fixed number of devices, whatever the machine has
   machine = json.load(open(w / "demo_summary.json"))["machine"]
   assert machine["devices"] == f"{demo.CPU_DEVICES} x cpu"
+  # under the XLA flags that keep the figures the same on other kinds of CPU, which it records
+  assert all(f"--{k}={v}" in machine["xla_flags"].split() for k, v in demo.CONSISTENT_XLA_FLAGS.items())
   # and the times come with the CPU's speed they ran at (it varies within a day here)
   assert len(machine["matmul_tflops_before_after"]) == 2 and min(machine["matmul_tflops_before_after"]) > 0
   # and with the kind of CPU (the figures can differ on another kind), as lscpu names it
@@ -489,3 +491,58 @@ def test_the_demo_reuses_features_only_of_the_views_its_config_asks_for(tmp_path
   manifest.write_text(json.dumps({"format_version": 1, "clip_model": "c",
                                   "clip_encoding": {"views": 9, "view_shift": 1}}))
   assert demo._features_done(config)
+
+
+_ISA_RUN = """
+import hashlib, json, sys
+from pdiff_jax import demo
+demo.use_cpu_devices()
+demo.use_consistent_numerics()
+from pdiff_jax import clip_pretrain
+from pdiff_jax.data import shapes
+paths, captions, attrs = json.load(open(sys.argv[1]))
+recipe = {**demo.CLIP_RECIPE, "steps": 2, "warmup_steps": 1, "progress": False}
+out = clip_pretrain.train_small_clip(sys.argv[2], paths, captions, shapes.vocabulary(), attributes=attrs, **recipe)
+print(hashlib.sha256(open(out + "/flax_model.msgpack", "rb").read()).hexdigest())
+"""
+
+
+@pytest.mark.skipif("avx512f" not in (open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""),
+                    reason="needs an AVX-512 CPU, to run XLA as on one and, capped at AVX2, as on another")
+def test_the_demo_numerics_are_the_same_on_a_cpu_without_avx512(tmp_path):
+  """The small CLIP's first steps, with the demo's recipe and sizes, give the same weights with
+  XLA capped at AVX2 (as on most AMD and older Intel CPUs) as on this AVX-512 CPU, under the
+  XLA flags `pdiff demo` adds (`demo.CONSISTENT_XLA_FLAGS`); under XLA's defaults they do not,
+  which is what the flags are for."""
+  import sys
+  from conftest import ROOT
+  paths, captions, attrs = _tiny_shapes_set(tmp_path, count=64)
+  json.dump([paths, captions, attrs], open(tmp_path / "set.json", "w"))
+  defaults = "--xla_backend_optimization_level=3 --xla_cpu_enable_platform_dependent_math=true"
+  weights = {}
+  for name, flags in [("demo", ""), ("demo_avx2", "--xla_cpu_max_isa=AVX2"),
+                      ("xla", defaults), ("xla_avx2", defaults + " --xla_cpu_max_isa=AVX2")]:
+    r = subprocess.run([sys.executable, "-c", _ISA_RUN, str(tmp_path / "set.json"), str(tmp_path / name)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env={**os.environ, "XLA_FLAGS": flags})
+    assert r.returncode == 0, r.stderr[-3000:]
+    weights[name] = r.stdout.split()[-1]
+  assert weights["demo"] == weights["demo_avx2"]
+  assert weights["xla"] != weights["xla_avx2"]  # the test can tell
+  assert weights["demo"] != weights["xla"]
+
+
+def test_the_demo_numerics_flags_yield_to_the_environment_and_to_a_started_jax(monkeypatch, caplog):
+  """`use_consistent_numerics` adds none of its flags that XLA_FLAGS sets, and where JAX already
+  runs (XLA has read its flags) it adds none and says which the demo runs without."""
+  import jax
+  from pdiff_jax import demo
+  jax.devices()  # this process's JAX has started (tests/conftest.py)
+  given = "--xla_backend_optimization_level=3 --xla_cpu_enable_platform_dependent_math=true"
+  monkeypatch.setenv("XLA_FLAGS", given)
+  assert demo.use_consistent_numerics() == [] and os.environ["XLA_FLAGS"] == given
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=1")
+  with caplog.at_level("WARNING", logger="pdiff_jax.demo"):
+    assert demo.use_consistent_numerics() == []
+  assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=1"
+  assert "without --xla_cpu_enable_platform_dependent_math=false" in caplog.text
