@@ -47,7 +47,7 @@ CLIP_RECIPE = {"heads": 16, "text_head": True, "hard_negatives": 4, "presence": 
 CPU_DEVICES = 2
 # XLA flags `pdiff demo` adds to XLA_FLAGS (unless they are set there), so that its figures are the
 # same on other kinds of x86-64 CPU. At XLA's defaults they were not: on this project's AVX-512
-# Xeon, XLA capped at AVX2 (as on most AMD and older Intel CPUs) gave other small-CLIP weights from
+# Xeon, XLA capped at AVX2 (as on a CPU without AVX-512) gave other small-CLIP weights from
 # the second step on, from the same optimised programs and LLVM IR, so from the machine
 # code LLVM's optimiser chose for the CPU. With these two (LLVM's level 2, and XLA's arithmetic
 # that does not depend on the CPU), the whole fast demo is byte-identical either way, and the

@@ -511,7 +511,7 @@ print(hashlib.sha256(open(out + "/flax_model.msgpack", "rb").read()).hexdigest()
                     reason="needs an AVX-512 CPU, to run XLA as on one and, capped at AVX2, as on another")
 def test_the_demo_numerics_are_the_same_on_a_cpu_without_avx512(tmp_path):
   """The small CLIP's first steps, with the demo's recipe and sizes, give the same weights with
-  XLA capped at AVX2 (as on most AMD and older Intel CPUs) as on this AVX-512 CPU, under the
+  XLA capped at AVX2 (as on a CPU without AVX-512) as on this AVX-512 CPU, under the
   XLA flags `pdiff demo` adds (`demo.CONSISTENT_XLA_FLAGS`); under XLA's defaults they do not,
   which is what the flags are for."""
   import sys
